@@ -1,0 +1,29 @@
+# Two entry points for a fresh clone: `make demo` (the whole pipeline on the embedded sample) and
+# `make test`. Both create .venv and install into it. TORCH_SPEC picks the torch build: the default is
+# the CPU wheel; GPU users pass e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[hf,plot,dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q; rc=$$?; [ $$rc -ne 5 ] || echo 'make test: pytest collected no tests' >&2; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs/demo data/demo

@@ -1,0 +1,136 @@
+"""Checkpoints: one format shared by the trainer, the evaluator, export and sampling.
+
+A checkpoint is a ``torch.save`` dict that ``torch.load(..., weights_only=True)`` reads:
+``"model"`` (state dict with GPT-2 names, no ``_orig_mod.``/``module.`` prefixes), ``"config"``
+(the ``GPTConfig`` fields as a plain dict) and ``"step"`` (optimizer steps taken), plus whatever
+training state the trainer adds. Files are ``<run>/ckpt_<step:06d>.pt``, written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from gpt2.errors import UserError
+from gpt2.model import GPT, GPTConfig
+
+CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.pt$")
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / f"ckpt_{step:06d}.pt"
+
+
+def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint file in ``run_dir``, oldest first (temp files excluded)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CKPT_PATTERN.match(p.name))]
+    return sorted(found)
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the prefixes that ``torch.compile`` (``_orig_mod.``) and DDP (``module.``) add to names."""
+    return {re.sub(r"^(?:_orig_mod\.|module\.)+", "", k).replace("._orig_mod.", "."): v for k, v in state.items()}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "module"):  # DistributedDataParallel
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` with ``torch.save`` atomically: a reader sees the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def model_payload(model: nn.Module, step: int) -> dict[str, Any]:
+    """The part of a checkpoint every reader needs: clean weights, architecture and step."""
+    model = unwrap(model)
+    return {"model": clean_state_dict(model.state_dict()), "config": model.config.to_dict(), "step": step}
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file; a missing, truncated or foreign file is a ``UserError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
+        raise UserError(f"checkpoint {path} is not a gpt2 checkpoint (needs 'model', 'config' and 'step')")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "checkpoint") -> GPT:
+    """Rebuild the model a checkpoint describes; a config that does not fit the weights is a ``UserError``."""
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: invalid model config {ckpt['config']} ({e})") from None
+    state = clean_state_dict(ckpt["model"])
+    if "lm_head.weight" not in state and "transformer.wte.weight" in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{source}: config does not match the weights ({_first_line(e, skip_header=True)})") from None
+    return model
+
+
+def load_model(target: str | Path, device: str = "cpu") -> tuple[GPT, dict[str, Any]]:
+    """The model behind ``target``: a checkpoint file, a run directory (its newest checkpoint),
+    a Hugging Face GPT-2 directory, or a hub id such as ``gpt2``.
+
+    Returns the model in eval mode on ``device`` and ``{"source": ..., "step": ...}`` (step is None for HF weights).
+    """
+    path = Path(target)
+    if path.is_dir() and not (path / "config.json").exists():
+        checkpoints = find_checkpoints(path)
+        if not checkpoints:
+            raise UserError(f"{path} holds no ckpt_*.pt checkpoints and is not a Hugging Face model directory")
+        path = checkpoints[-1][1]
+    if path.is_file():
+        ckpt = load_checkpoint(path)
+        model, info = model_from_checkpoint(ckpt, path), {"source": str(path), "step": int(ckpt["step"])}
+    elif path.is_dir() or not path.suffix:
+        model, info = GPT.from_pretrained(target), {"source": str(target), "step": None}
+    else:
+        raise UserError(f"checkpoint {path} does not exist")
+    return model.to(device).eval(), info
+
+
+def _first_line(e: BaseException, skip_header: bool = False) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if skip_header and len(lines) > 1:
+        lines = lines[1:]
+    return lines[0] if lines else type(e).__name__

@@ -1,0 +1,103 @@
+"""Devices, process groups and mixed precision: what the trainer and the evaluator share.
+
+Under ``torchrun`` (RANK/LOCAL_RANK/WORLD_SIZE set) a process group is started: NCCL on CUDA with one
+GPU per local rank, gloo on CPU, so the whole DDP path also runs on a laptop. Without torchrun the
+program is one process and no process group exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gpt2.errors import UserError
+
+DEVICES = ("auto", "cuda", "cpu", "mps")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_device(name: str = "auto") -> str:
+    """``auto`` means CUDA when present, else CPU; an explicit device must be available."""
+    if name not in DEVICES:
+        raise UserError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available")
+    return name
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: its rank among ``world_size`` processes and the device it drives."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Start the process group when launched by torchrun; return this process's place and device."""
+    device_type = resolve_device(device)
+    if "RANK" not in os.environ:
+        if device_type == "cuda":
+            return DistContext(device="cuda:0")
+        return DistContext(device=device_type)
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} are visible")
+        device_name = f"cuda:{local_rank}"
+        torch.cuda.set_device(device_name)
+        backend = "nccl"
+    else:
+        device_name = device_type
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=torch.device(device_name) if backend == "nccl" else None)
+    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device_name)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.is_distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (a no-op in one process) and return it."""
+    if ctx.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def autocast(device_type: str, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA and CPU (``dtype="bf16"``), or plain fp32 (``dtype="fp32"``)."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])

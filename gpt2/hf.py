@@ -1,0 +1,150 @@
+"""Hugging Face interop: OpenAI GPT-2 weights in (hub id or local directory) and our checkpoints out.
+
+Hugging Face's GPT-2 stores its four projection matrices as ``Conv1D`` weights of shape (in, out);
+ours are ``nn.Linear`` (out, in), so those four are transposed both ways. Everything else matches by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from gpt2.errors import UserError
+from gpt2.model import GPT, GPTConfig
+from gpt2.tokenizer import EOT_ID
+
+HUB_IDS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_hub_id(name: str) -> bool:
+    return name in HUB_IDS or name in HUB_IDS.values()
+
+
+def load_hf_model(name_or_path: str | Path) -> GPT:
+    """Build a ``GPT`` from a Hugging Face GPT-2 directory, or from a hub id downloaded into the HF cache."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        path = _download(str(name_or_path))
+    config = _read_config(path)
+    model = GPT(config)
+    model.load_state_dict(from_hf_state_dict(_read_weights(path), config))
+    return model
+
+
+def _download(name: str) -> Path:
+    if not is_hub_id(name):
+        raise UserError(f"{name!r} is neither a local directory nor a GPT-2 hub id ({', '.join(HUB_IDS)})")
+    from huggingface_hub import snapshot_download
+
+    repo_id = HUB_IDS.get(name, name)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as e:  # offline, hub down, gated: all the same to the user
+        raise UserError(
+            f"cannot download {name!r} ({repo_id}) from the Hugging Face hub ({type(e).__name__}); "
+            f"on a machine with network run `huggingface-cli download {repo_id} config.json model.safetensors "
+            f"--local-dir DIR`, then pass DIR instead of {name!r}"
+        ) from None
+
+
+def _read_config(path: Path) -> GPTConfig:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read config.json of a Hugging Face GPT-2 model ({e})") from None
+    if cfg.get("model_type", "gpt2") != "gpt2":
+        raise UserError(f"{path}: model_type is {cfg.get('model_type')!r}, not gpt2")
+    if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UserError(f"{path}: activation {cfg['activation_function']!r} is not GPT-2's tanh GELU")
+    return GPTConfig(
+        block_size=cfg["n_positions"], vocab_size=cfg["vocab_size"],
+        n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+    )
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if (path / "model.safetensors").exists():
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserError("reading model.safetensors needs safetensors: pip install 'gpt2[hf]'") from None
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").exists():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise UserError(f"{path}: no {' or '.join(WEIGHT_FILES)}")
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Map a ``GPT2LMHeadModel``/``GPT2Model`` state dict onto our names and layouts."""
+    state = {}
+    for key, value in hf.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
+            continue
+        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        state[name] = value.t() if name.endswith(CONV1D_SUFFIXES) else value
+    wte = state["transformer.wte.weight"]
+    if config.padded_vocab_size != wte.shape[0]:
+        wte = torch.cat([wte, wte.new_zeros(config.padded_vocab_size - wte.shape[0], wte.shape[1])])
+    state["transformer.wte.weight"] = state["lm_head.weight"] = wte
+    return state
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face names and layouts, vocabulary padding removed, ``lm_head`` left tied."""
+    state = {}
+    for name, value in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        if name == "transformer.wte.weight":
+            value = value[: model.config.vocab_size]
+        state[name] = (value.t() if name.endswith(CONV1D_SUFFIXES) else value).contiguous()
+    return state
+
+
+def hf_config(config: GPTConfig) -> dict:
+    """A ``transformers.GPT2Config`` as JSON for our architecture (GPT-2's own hyperparameters otherwise)."""
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "bos_token_id": EOT_ID,
+        "eos_token_id": EOT_ID,
+        "tie_word_embeddings": True,
+    }
+
+
+def export_hf(model: GPT, out_dir: str | Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError("export needs safetensors: pip install 'gpt2[hf]'") from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().float().cpu() for k, v in to_hf_state_dict(model).items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(weights, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+    return out
