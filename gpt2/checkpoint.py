@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from gpt2.errors import UserError
+from gpt2.hf import is_hub_id
 from gpt2.model import GPT, GPTConfig
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.pt$")
@@ -114,18 +115,19 @@ def load_model(target: str | Path, device: str = "cpu") -> tuple[GPT, dict[str, 
     Returns the model in eval mode on ``device`` and ``{"source": ..., "step": ...}`` (step is None for HF weights).
     """
     path = Path(target)
-    if path.is_dir() and not (path / "config.json").exists():
-        checkpoints = find_checkpoints(path)
-        if not checkpoints:
-            raise UserError(f"{path} holds no ckpt_*.pt checkpoints and is not a Hugging Face model directory")
+    if path.is_dir() and not (path / "config.json").exists() and (checkpoints := find_checkpoints(path)):
         path = checkpoints[-1][1]
     if path.is_file():
         ckpt = load_checkpoint(path)
         model, info = model_from_checkpoint(ckpt, path), {"source": str(path), "step": int(ckpt["step"])}
-    elif path.is_dir() or not path.suffix:
+    elif (path / "config.json").is_file() or is_hub_id(str(target)):
         model, info = GPT.from_pretrained(target), {"source": str(target), "step": None}
+    elif path.is_dir():
+        raise UserError(f"{path} holds no ckpt_*.pt checkpoints and is not a Hugging Face model directory")
     else:
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(
+            f"{target} does not exist (expected a checkpoint, a run directory, an HF directory or a hub id)"
+        )
     return model.to(device).eval(), info
 
 

@@ -16,8 +16,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     model, info = load_model(args.checkpoint)
     out = export_hf(model, args.out_dir)
-    print(f"exported {info['source']} (step {info['step']}) to {out}; load it with "
-          f"transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")
+    print(
+        f"exported {info['source']} (step {info['step']}) to {out}; load it with "
+        f"transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})"
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def is_hub_id(name: str) -> bool:
 def load_hf_model(name_or_path: str | Path) -> GPT:
     """Build a ``GPT`` from a Hugging Face GPT-2 directory, or from a hub id downloaded into the HF cache."""
     path = Path(name_or_path)
-    if not path.is_dir():
+    if not (path / "config.json").is_file():  # a hub id, even where a folder of that name exists
         path = _download(str(name_or_path))
     config = _read_config(path)
     model = GPT(config)
@@ -43,7 +43,7 @@ def load_hf_model(name_or_path: str | Path) -> GPT:
 
 def _download(name: str) -> Path:
     if not is_hub_id(name):
-        raise UserError(f"{name!r} is neither a local directory nor a GPT-2 hub id ({', '.join(HUB_IDS)})")
+        raise UserError(f"{name!r} is neither a Hugging Face model directory nor a GPT-2 hub id ({', '.join(HUB_IDS)})")
     from huggingface_hub import snapshot_download
 
     repo_id = HUB_IDS.get(name, name)
@@ -52,7 +52,7 @@ def _download(name: str) -> Path:
     except Exception as e:  # offline, hub down, gated: all the same to the user
         raise UserError(
             f"cannot download {name!r} ({repo_id}) from the Hugging Face hub ({type(e).__name__}); "
-            f"on a machine with network run `huggingface-cli download {repo_id} config.json model.safetensors "
+            f"on a machine with network run `hf download {repo_id} config.json model.safetensors "
             f"--local-dir DIR`, then pass DIR instead of {name!r}"
         ) from None
 
@@ -67,8 +67,11 @@ def _read_config(path: Path) -> GPTConfig:
     if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"{path}: activation {cfg['activation_function']!r} is not GPT-2's tanh GELU")
     return GPTConfig(
-        block_size=cfg["n_positions"], vocab_size=cfg["vocab_size"],
-        n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+        block_size=cfg["n_positions"],
+        vocab_size=cfg["vocab_size"],
+        n_layer=cfg["n_layer"],
+        n_head=cfg["n_head"],
+        n_embd=cfg["n_embd"],
     )
 
 

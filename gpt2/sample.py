@@ -37,7 +37,8 @@ def generate(
         raise UserError("the prompt is empty")
     if len(prompt_ids) + max_new_tokens > block_size:
         raise UserError(
-            f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds the model's block size {block_size}"
+            f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens "
+            f"exceeds the model's block size {block_size}"
         )
     if temperature <= 0:
         raise UserError(f"--temperature must be positive, got {temperature}")
@@ -82,8 +83,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.compile:
         model = torch.compile(model, dynamic=True)
     texts = sample_text(
-        model, args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-        top_k=args.top_k or None, temperature=args.temperature, seed=args.seed, device=device, dtype=args.dtype,
+        model,
+        args.prompt,
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k or None,
+        temperature=args.temperature,
+        seed=args.seed,
+        device=device,
+        dtype=args.dtype,
     )
     for i, text in enumerate(texts):
         print(f"sample {i}: {text}")

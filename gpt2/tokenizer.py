@@ -28,7 +28,9 @@ def _load_ranks(path: Path = RANKS_PATH) -> dict[bytes, int]:
     digest = hashlib.sha256(contents).hexdigest()
     if digest != RANKS_SHA256:
         raise RuntimeError(f"{path} is corrupt: sha256 {digest}, expected {RANKS_SHA256}")
-    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in contents.splitlines() if line)}
+    return {
+        base64.b64decode(token): int(rank) for token, rank in (line.split() for line in contents.splitlines() if line)
+    }
 
 
 @functools.cache
