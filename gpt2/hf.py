@@ -14,7 +14,7 @@ import torch
 
 from gpt2.errors import UserError
 from gpt2.model import GPT, GPTConfig
-from gpt2.tokenizer import EOT_ID
+from gpt2.tokenizer import EOT_ID, EOT_TOKEN, get_encoding
 
 HUB_IDS = {
     "gpt2": "openai-community/gpt2",
@@ -138,7 +138,8 @@ def hf_config(config: GPTConfig) -> dict:
 
 
 def export_hf(model: GPT, out_dir: str | Path) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads."""
+    """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads,
+    and GPT-2's ``vocab.json`` + ``merges.txt`` for ``AutoTokenizer``."""
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -150,4 +151,48 @@ def export_hf(model: GPT, out_dir: str | Path) -> Path:
     save_file(weights, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+    write_hf_tokenizer(out)
     return out
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, used by vocab.json and merges.txt."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def _merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The last merge that builds ``token``: run BPE on its bytes with only the merges ranked before it."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pair_ranks = [ranks.get(a + b, len(ranks)) for a, b in zip(parts[:-1], parts[1:])]
+        i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def write_hf_tokenizer(out_dir: Path) -> None:
+    """GPT-2's ``vocab.json`` and ``merges.txt``, rebuilt from the vendored BPE ranks."""
+    ranks = get_encoding()._mergeable_ranks
+    to_unicode = _bytes_to_unicode()
+    spell = lambda token: "".join(to_unicode[b] for b in token)
+    vocab = {spell(token): rank for token, rank in ranks.items()} | {EOT_TOKEN: EOT_ID}
+    merges = [_merge_of(token, ranks) for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]) if len(token) > 1]
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    lines = ["#version: 0.2", *(f"{spell(a)} {spell(b)}" for a, b in merges)]
+    (out_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tokenizer_config = {
+        "model_max_length": 1024,
+        "tokenizer_class": "GPT2Tokenizer",
+        "eos_token": EOT_TOKEN,
+        "bos_token": EOT_TOKEN,
+        "unk_token": EOT_TOKEN,
+        "add_prefix_space": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")

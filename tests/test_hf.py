@@ -7,6 +7,7 @@ from conftest import run_python, tiny_model
 from gpt2.checkpoint import model_payload, save_checkpoint
 from gpt2.errors import UserError
 from gpt2.model import GPT
+from gpt2.tokenizer import get_encoding
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,6 +57,10 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path):
     with torch.no_grad():
         ours, _ = model(idx)
     assert (ours - hf_logits(exported, idx)).abs().max().item() <= 1e-4
+    # the exported tokenizer is GPT-2's: AutoTokenizer encodes exactly like ours
+    text = "Hello, I'm a language model, naïve café 東京 🤖\n\n  tabs\tand <|endoftext|> end"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer(text)["input_ids"] == get_encoding().encode(text, allowed_special="all")
     # and the round trip back into our model is exact
     again = GPT.from_pretrained(tmp_path / "hf")
     torch.testing.assert_close(
