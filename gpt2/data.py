@@ -57,7 +57,6 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"data directory {data_dir} does not exist; run prepare_fineweb.py to create it")
-    _check_manifest(data_dir)
     numbered = []
     for path in data_dir.iterdir():
         match = _SHARD_NAME.match(path.name)
@@ -65,20 +64,33 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
             numbered.append((int(match.group(2)), path))
     if not numbered:
         raise UserError(f"no {split} shards ({split}_NNNNNN.npy) in {data_dir}; run prepare_fineweb.py to create them")
-    return [path for _, path in sorted(numbered)]
+    shards = [path for _, path in sorted(numbered)]
+    _check_manifest(data_dir, split, shards)
+    return shards
 
 
-def _check_manifest(data_dir: Path) -> None:
-    """Refuse a directory whose preparation was interrupted: its shards are not the whole corpus yet."""
-    manifest = data_dir / "manifest.json"
-    if not manifest.exists():
+def _check_manifest(data_dir: Path, split: str, shards: list[Path]) -> None:
+    """Where prepare_fineweb.py left a manifest, the directory must be complete and hold exactly its shards.
+
+    An interrupted preparation, or a shard deleted or added by hand, would silently change the stream.
+    """
+    path = data_dir / "manifest.json"
+    if not path.exists():
         return
     try:
-        complete = json.loads(manifest.read_text()).get("complete", True)
-    except (OSError, ValueError, AttributeError) as e:
-        raise UserError(f"cannot read {manifest}: {e}") from e
-    if complete is not True:
+        manifest = json.loads(path.read_text())
+        listed = {Path(entry["file"]).name for entry in manifest.get("shards", []) if entry.get("split") == split}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError) as e:
+        raise UserError(f"cannot read {path}: {e!r}") from e
+    if manifest.get("complete") is not True:
         raise UserError(f"{data_dir} is incomplete (manifest.json says complete: false); re-run prepare_fineweb.py")
+    found = {shard.name for shard in shards}
+    if "shards" in manifest and found != listed:
+        missing, extra = sorted(listed - found), sorted(found - listed)
+        raise UserError(
+            f"the {split} shards in {data_dir} do not match manifest.json (missing: {', '.join(missing) or 'none'}; "
+            f"not listed: {', '.join(extra) or 'none'}); re-run prepare_fineweb.py"
+        )
 
 
 class TokenStream:

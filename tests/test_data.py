@@ -249,6 +249,24 @@ def test_other_bad_inputs_are_one_clear_error(data_dir: Path, tmp_path: Path) ->
         ValLoader(data_dir, SEQ_LEN, SEQ_LEN - 1, 2)
     with pytest.raises(UserError, match="--micro-batch must be positive"):
         ValLoader(data_dir, SEQ_LEN, 64, 0)
-    (data_dir / "manifest.json").write_text(json.dumps({"complete": False}))
+
+
+def test_manifest_must_be_complete_and_match_the_shards(data_dir: Path) -> None:
+    entries = [
+        {"file": f"train_{i:06d}.npy", "split": "train", "tokens": n} for i, n in enumerate(TRAIN_SHARD_TOKENS, 1)
+    ]
+    entries.append({"file": "val_000000.npy", "split": "val", "tokens": VAL_TOKENS_ON_DISK})
+    manifest = data_dir / "manifest.json"
+    manifest.write_text(json.dumps({"complete": True, "shards": entries}))
+    assert len(list_shards(data_dir, "train")) == 4 and len(list_shards(data_dir, "val")) == 1
+    manifest.write_text(json.dumps({"complete": False, "shards": entries}))
     with pytest.raises(UserError, match="incomplete .* re-run prepare_fineweb.py"):
         TrainLoader(data_dir, SEQ_LEN, 4 * SEQ_LEN, 2)
+    manifest.write_text(json.dumps({"complete": True, "shards": entries}))
+    (data_dir / "train_000003.npy").unlink()
+    np.save(data_dir / "train_000009.npy", np.zeros(9, np.uint16))
+    with pytest.raises(UserError, match="missing: train_000003.npy; not listed: train_000009.npy"):
+        list_shards(data_dir, "train")
+    manifest.write_text("{not json")
+    with pytest.raises(UserError, match="cannot read .*manifest.json"):
+        list_shards(data_dir, "val")
