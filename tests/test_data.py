@@ -89,30 +89,33 @@ def test_windows_tile_the_stream_across_shard_boundaries(data_dir: Path) -> None
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_step_windows_identical_for_any_world_size_and_micro_batch(data_dir: Path, shuffle: bool) -> None:
-    # 14 steps of 4 windows = 56 windows, crossing the end of the 64-window first epoch... and 2 steps more.
-    steps = 18
-    reference = global_step_batches(data_dir, world_size=1, micro_batch=1, steps=steps, shuffle=shuffle)
-    for world_size, micro_batch in [(2, 1), (4, 1), (1, 2), (1, 4), (2, 2)]:
-        other = global_step_batches(data_dir, world_size, micro_batch, steps, shuffle=shuffle)
+    # 6 windows a step; 13 steps cross the end of the 64-window epoch in the middle of step 10.
+    steps, batch_tokens = 13, 6 * SEQ_LEN
+    reference = global_step_batches(data_dir, 1, 1, steps, shuffle=shuffle, batch_tokens=batch_tokens)
+    for world_size, micro_batch in [(2, 1), (3, 1), (6, 1), (1, 6), (2, 3), (3, 2), (1, 3)]:
+        other = global_step_batches(
+            data_dir, world_size, micro_batch, steps, shuffle=shuffle, batch_tokens=batch_tokens
+        )
         assert other == reference, (world_size, micro_batch)
     # ...and they change with the seed when shuffling (the seed is what the order depends on).
-    reseeded = global_step_batches(data_dir, world_size=1, micro_batch=4, steps=steps, shuffle=shuffle, seed=7)
+    reseeded = global_step_batches(data_dir, 1, 6, steps, shuffle=shuffle, batch_tokens=batch_tokens, seed=7)
     assert (reseeded == reference) is not shuffle
 
 
 def test_shuffled_epochs_visit_every_window_once_in_a_new_order(data_dir: Path) -> None:
-    loader = TrainLoader(data_dir, SEQ_LEN, 4 * SEQ_LEN, 4, seed=3)
-    n = loader.n_windows  # 64: exactly 16 steps per epoch
-    epochs = []
-    for _ in range(2):
-        starts = []
-        for _ in range(n // 4):
-            x, _ = loader.next_batch()
-            starts += (x[:, 0] // SEQ_LEN).tolist()
-        epochs.append(starts)
-    for starts in epochs:
-        assert sorted(starts) == list(range(n))  # each window exactly once per epoch
+    loader = TrainLoader(data_dir, SEQ_LEN, 6 * SEQ_LEN, 3, seed=3)
+    n = loader.n_windows  # 64, not a multiple of the 6 windows of a step: epochs end mid-step
+    starts = []
+    while len(starts) < 2 * n:
+        x, _ = loader.next_batch()
+        starts += (x[:, 0] // SEQ_LEN).tolist()
+    epochs = [starts[:n], starts[n : 2 * n]]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(n))  # each window exactly once per epoch
     assert epochs[0] != list(range(n)) and epochs[1] != epochs[0]  # shuffled, and re-shuffled per epoch
+    # Shards are visited one after another: a shard's windows are contiguous in the epoch's order.
+    owner = np.searchsorted(np.cumsum(TRAIN_SHARD_TOKENS), np.array(epochs[0]) * SEQ_LEN, side="right")
+    assert np.count_nonzero(np.diff(owner)) == len(set(owner.tolist())) - 1
 
 
 def test_state_round_trip_resumes_at_the_next_window_on_another_world_size(data_dir: Path, tmp_path: Path) -> None:
