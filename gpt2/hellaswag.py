@@ -1,0 +1,595 @@
+"""HellaSwag evaluation: data, completion-style scoring, and scoring every checkpoint of a run.
+
+Scoring is the standard for small models (as in build-nanogpt and the lm-eval "completion" style):
+the context is ``encode(ctx)``, each ending is ``encode(" " + ending)``, and each of the 4 candidates
+is scored by the cross-entropy of its ending tokens given the context and the ending's earlier tokens.
+``acc`` takes the argmin of the summed loss, ``acc_norm`` the argmin of the mean loss per ending token.
+
+How it is made fast without changing the numbers:
+
+* **Shared context.** An example is packed into one row ``ctx + ending0 + ... + ending3``. Each ending's
+  positions restart where the context ends, and an attention mask lets an ending see only the context and
+  its own earlier tokens, so every ending sees exactly what it would see alone, yet the context's
+  activations are computed once instead of four times.
+* **Logits only where scored.** The LM head (a 50257-wide matmul plus log-softmax) runs only on the
+  positions that predict an ending token, not on every position.
+* **Batches across examples, bucketed by length.** Rows are padded on the right to a multiple of
+  ``BUCKET`` tokens and batched with rows of the same bucket. A row's result depends only on its own
+  bucket, never on its batch-mates: in fp32 the predictions and losses are bit-identical whatever the
+  batch size or the number of ranks, and ``torch.compile`` sees a handful of shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model, model_from_checkpoint, unwrap
+from gpt2.distributed import DistContext, all_reduce_sum, autocast, barrier, destroy_distributed, init_distributed
+from gpt2.errors import UserError
+from gpt2.model import GPT
+from gpt2.tokenizer import get_encoding
+
+log = logging.getLogger(__name__)
+
+VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+VAL_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
+VAL_EXAMPLES = 10042
+DEFAULT_DATA_DIR = Path("data/hellaswag")
+SCORES_FILE = "hellaswag.jsonl"  # one {"step", "acc", "acc_norm", "n"} record per scored checkpoint of a run
+BUCKET = 16  # packed rows are padded to a multiple of this many tokens
+N_ENDINGS = 4
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class Example:
+    """One HellaSwag item: a context, four candidate endings and the index of the right one."""
+
+    ind: int  # HellaSwag's own id for the item
+    ctx: str
+    endings: tuple[str, ...]
+    label: int
+
+
+def read_jsonl(path: str | Path, *, allow_partial_tail: bool = False) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for each non-blank line; a malformed line is a ``UserError`` at file:line.
+
+    With ``allow_partial_tail`` a last line without its newline that does not parse is skipped: it is a
+    record another process is still appending.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} cannot be read ({e})") from None
+    lines = text.split("\n")
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            if allow_partial_tail and lineno == len(lines):
+                return
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def _parse_example(record: Any, where: str) -> Example:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    ctx, endings, label = record.get("ctx"), record.get("endings"), record.get("label")
+    if not isinstance(ctx, str) or not ctx.strip():
+        raise UserError(f"{where}: 'ctx' must be a non-empty string")
+    if not isinstance(endings, list) or len(endings) != N_ENDINGS:
+        count = len(endings) if isinstance(endings, list) else "no list of"
+        raise UserError(f"{where}: expected exactly {N_ENDINGS} endings, got {count}")
+    if not all(isinstance(e, str) and e.strip() for e in endings):
+        raise UserError(f"{where}: every ending must be a non-empty string")
+    if isinstance(label, str) and label.isdigit():  # the HF copy of the dataset stores labels as strings
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < N_ENDINGS:
+        raise UserError(f"{where}: label must be an integer 0-3, got {label!r}")
+    ind = record.get("ind")
+    if not isinstance(ind, int) or isinstance(ind, bool):
+        raise UserError(f"{where}: 'ind' must be an integer, got {ind!r}")
+    return Example(ind=ind, ctx=ctx, endings=tuple(endings), label=label)
+
+
+def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
+    """The examples of a HellaSwag JSONL file (the first ``limit`` of them when given)."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be a positive number of examples, got {limit}")
+    examples = []
+    for lineno, record in read_jsonl(path):
+        if limit is not None and len(examples) == limit:
+            break
+        examples.append(_parse_example(record, f"{path}:{lineno}"))
+    if not examples:
+        raise UserError(f"{path} holds no examples")
+    return examples
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ensure_val(data_dir: str | Path = DEFAULT_DATA_DIR, *, url: str = VAL_URL, timeout: float = 30.0) -> Path:
+    """The canonical HellaSwag validation file in ``data_dir``, downloaded and sha256-checked on first use."""
+    data_dir = Path(data_dir)
+    path = data_dir / Path(VAL_URL).name
+    if path.is_file() and sha256_file(path) == VAL_SHA256:
+        return path
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e
+        raise UserError(
+            f"cannot download HellaSwag from {url} ({reason}); "
+            "pass --data FILE.jsonl with a local copy of hellaswag_val.jsonl"
+        ) from None
+    digest = sha256_file(tmp)
+    if digest != VAL_SHA256:
+        tmp.unlink()
+        raise UserError(f"downloaded {url} has sha256 {digest}, expected {VAL_SHA256}; not using it")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class Prediction:
+    """The scores of one example, for error analysis (``--predictions``)."""
+
+    ind: int
+    label: int
+    pred: int  # argmin of sum_losses
+    pred_norm: int  # argmin of mean_losses
+    sum_losses: list[float]
+    mean_losses: list[float]
+
+
+@dataclass
+class HellaSwagResult:
+    n: int
+    acc: float
+    acc_norm: float
+    correct: int
+    correct_norm: int
+    seconds: float
+    predictions: list[Prediction] | None = field(default=None, repr=False)  # in example order, when asked for
+
+    def summary(self) -> str:
+        return f"hellaswag acc={self.acc:.4f} acc_norm={self.acc_norm:.4f} n={self.n}"
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """An example laid out in one row: ``ctx + ending0[:-1] + ... + ending3[:-1]``.
+
+    An ending's last token is only ever a target, so it is not fed in. ``predictors[j]`` is the row
+    position whose output predicts ``targets[j]``: the last context token for an ending's first token,
+    the ending's previous token for the others.
+    """
+
+    tokens: list[int]
+    positions: list[int]  # each ending restarts at len(ctx)
+    segments: list[int]  # 0 for the context, i + 1 for ending i
+    predictors: list[int]
+    targets: list[int]  # the four endings' tokens, one after the other
+    ending_lens: list[int]
+
+    @property
+    def bucket_len(self) -> int:
+        return math.ceil(len(self.tokens) / BUCKET) * BUCKET
+
+
+def pack_example(example: Example, block_size: int) -> _Packed:
+    """Tokenize and pack an example; the context is cut on the left until the longest ending fits the block."""
+    enc = get_encoding()
+    ctx = enc.encode_ordinary(example.ctx)
+    endings = [enc.encode_ordinary(" " + e) for e in example.endings]
+    longest = max(len(e) for e in endings)
+    if longest >= block_size:
+        raise UserError(
+            f"HellaSwag example {example.ind}: an ending of {longest} tokens "
+            f"does not fit the model's block size {block_size}"
+        )
+    ctx = ctx[-(block_size - longest) :]  # keep the context nearest the endings
+    tokens, positions, segments = list(ctx), list(range(len(ctx))), [0] * len(ctx)
+    predictors, targets = [], []
+    for i, ending in enumerate(endings):
+        start = len(tokens)
+        predictors += [len(ctx) - 1, *range(start, start + len(ending) - 1)]
+        targets += ending
+        tokens += ending[:-1]
+        positions += range(len(ctx), len(ctx) + len(ending) - 1)
+        segments += [i + 1] * (len(ending) - 1)
+    return _Packed(tokens, positions, segments, predictors, targets, [len(e) for e in endings])
+
+
+class EndingScorer(nn.Module):
+    """Per-token cross-entropy of the ending tokens of packed rows (see the module docstring).
+
+    Wraps the plain ``GPT`` and reuses its weights; the blocks run with a mask instead of plain causal
+    attention so that the four endings share one copy of their context.
+    """
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, idx: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor
+    ) -> torch.Tensor:
+        """``idx, pos, seg``: (B, T) tokens, positions, segments (-1 for padding); ``src``: flat indices into
+        (B*T) of the positions that predict ``tgt``. Returns the fp32 loss of each target token."""
+        tr, cfg = self.model.transformer, self.model.config
+        B, T = idx.shape
+        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+        key_seg, query_seg = seg.unsqueeze(1), seg.unsqueeze(2)
+        # A query sees earlier keys of the shared context (segment 0) or of its own segment.
+        mask = (causal & ((key_seg == 0) | (key_seg == query_seg))).unsqueeze(1)  # (B, 1, T, T)
+        x = tr.wte(idx) + tr.wpe(pos)
+        for block in tr.h:
+            x = x + self._attention(block.attn, block.ln_1(x), mask)
+            x = x + block.mlp(block.ln_2(x))
+        h = tr.ln_f(x).flatten(0, 1)[src]
+        logits = self.model.lm_head(h)[:, : cfg.vocab_size]
+        return F.cross_entropy(logits.float(), tgt, reduction="none")
+
+    @staticmethod
+    def _attention(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = attn.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attn.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+def _batch_tensors(rows: list[_Packed], device: str) -> tuple[torch.Tensor, ...]:
+    """Right-pad rows to their common bucket length; flat indices of the positions that predict each target."""
+    T = rows[0].bucket_len
+    idx, pos, seg, src, tgt = [], [], [], [], []
+    for b, row in enumerate(rows):
+        pad = T - len(row.tokens)
+        idx.append(row.tokens + [0] * pad)
+        pos.append(row.positions + [0] * pad)
+        seg.append(row.segments + [-1] * pad)
+        src += [b * T + p for p in row.predictors]
+        tgt += row.targets
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+    return tuple(map(as_tensor, (idx, pos, seg, src, tgt)))
+
+
+def _predict(example: Example, row: _Packed, token_losses: list[float]) -> Prediction:
+    sums, start = [], 0
+    for n in row.ending_lens:
+        sums.append(math.fsum(token_losses[start : start + n]))  # exact sum: independent of summation order
+        start += n
+    means = [s / n for s, n in zip(sums, row.ending_lens)]
+    argmin = lambda values: min(range(len(values)), key=values.__getitem__)
+    return Prediction(example.ind, example.label, argmin(sums), argmin(means), sums, means)
+
+
+def _batches(rows: list[_Packed], batch_size: int) -> Iterator[list[int]]:
+    """Indices of rows, grouped by bucket length (longest first) into batches of at most ``batch_size``."""
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i].bucket_len, i))
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) == batch_size or rows[batch[0]].bucket_len != rows[i].bucket_len):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def score_examples(
+    scorer: nn.Module,
+    examples: list[Example],
+    block_size: int,
+    device: str,
+    *,
+    batch_size: int = 32,
+    dtype: str = "bf16",
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Prediction]:
+    """Predictions for ``examples`` (in their order) from an ``EndingScorer`` (plain or compiled), on one process."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    rows = [pack_example(e, block_size) for e in examples]
+    predictions: list[Prediction | None] = [None] * len(rows)
+    for batch in _batches(rows, batch_size):
+        with autocast(torch.device(device).type, dtype):
+            losses = scorer(*_batch_tensors([rows[i] for i in batch], device))
+        losses = losses.double().cpu().tolist()
+        start = 0
+        for i in batch:
+            n = len(rows[i].targets)
+            predictions[i] = _predict(examples[i], rows[i], losses[start : start + n])
+            start += n
+        if on_batch is not None:
+            on_batch(len(batch))
+    return predictions  # type: ignore[return-value]
+
+
+def evaluate(
+    model: nn.Module,
+    examples: list[Example],
+    ctx: DistContext,
+    *,
+    batch_size: int = 32,
+    dtype: str = "bf16",
+    progress: bool = False,
+    compile: bool = False,
+    keep_predictions: bool = False,
+) -> HellaSwagResult:
+    """Score ``examples`` with ``model`` (plain, compiled or DDP-wrapped; it must sit on ``ctx.device``).
+
+    Every rank scores a strided share of the examples and the counts are all-reduced, so all ranks get
+    the same result, equal to a one-process run. ``keep_predictions`` gathers every example's
+    ``Prediction`` (in example order) into the result. The model's own compiled graph is never used (its
+    shapes are the training shapes); ``compile=True`` compiles the scorer with dynamic shapes instead.
+    """
+    gpt = unwrap(model)
+    scorer = EndingScorer(gpt)
+    if compile:
+        scorer = torch.compile(scorer, dynamic=True)
+    was_training = gpt.training
+    gpt.eval()
+    try:
+        return _evaluate_with(
+            scorer, gpt.config.block_size, examples, ctx, batch_size, dtype, progress, keep_predictions
+        )
+    finally:
+        gpt.train(was_training)
+
+
+def _evaluate_with(
+    scorer: nn.Module,
+    block_size: int,
+    examples: list[Example],
+    ctx: DistContext,
+    batch_size: int,
+    dtype: str,
+    progress: bool,
+    keep_predictions: bool,
+) -> HellaSwagResult:
+    t0 = time.perf_counter()
+    local = examples[ctx.rank :: ctx.world_size]
+    desc = "hellaswag" if ctx.world_size == 1 else f"hellaswag (rank 0 of {ctx.world_size})"
+    with tqdm(total=len(local), desc=desc, unit="ex", disable=not (progress and ctx.is_main), leave=False) as bar:
+        predictions = score_examples(
+            scorer, local, block_size, ctx.device, batch_size=batch_size, dtype=dtype, on_batch=bar.update
+        )
+    counts = torch.tensor(
+        [
+            len(predictions),
+            sum(p.pred == p.label for p in predictions),
+            sum(p.pred_norm == p.label for p in predictions),
+        ],
+        dtype=torch.long,
+        device=ctx.device,
+    )
+    n, correct, correct_norm = all_reduce_sum(counts, ctx).tolist()
+    result = HellaSwagResult(
+        n=n, acc=correct / n, acc_norm=correct_norm / n, correct=correct, correct_norm=correct_norm, seconds=0.0
+    )
+    if keep_predictions:
+        result.predictions = _gather_strided(predictions, ctx)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _gather_strided(local: list[T], ctx: DistContext) -> list[T]:
+    """Undo the strided split ``items[rank::world_size]``: every rank's share, interleaved back in order."""
+    if not ctx.is_distributed:
+        return local
+    shares: list[list[T]] = [[] for _ in range(ctx.world_size)]
+    dist.all_gather_object(shares, local)
+    return [shares[i % ctx.world_size][i // ctx.world_size] for i in range(sum(map(len, shares)))]
+
+
+def _on_main(fn: Callable[[], T], ctx: DistContext) -> T:
+    """Run ``fn`` on rank 0 only and hand its result (or its ``UserError``) to every rank."""
+    if not ctx.is_distributed:
+        return fn()
+    box: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise UserError(value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files and the command line
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text``: a reader sees the old file or the whole new one, never a torn write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonl(records: Iterable[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def read_scores(run_dir: str | Path) -> list[dict]:
+    """The records of ``<run>/hellaswag.jsonl`` (empty when the run has not been scored yet)."""
+    path = Path(run_dir) / SCORES_FILE
+    return [record for _, record in read_jsonl(path)] if path.exists() else []
+
+
+@dataclass
+class EvalConfig:
+    """What ``eval_hellaswag.py`` was asked to do."""
+
+    target: str  # checkpoint file, run directory, HF model directory or hub id
+    data: Path | None = None  # local HellaSwag JSONL; None: the canonical val set, downloaded once
+    limit: int | None = None
+    batch_size: int = 32
+    dtype: str = "bf16"
+    device: str = "auto"
+    compile: bool = False
+    out: Path | None = None  # results.json
+    predictions: Path | None = None  # one JSON line per example
+    watch: bool = False  # run directories: keep polling for new checkpoints
+    interval: float = 60.0  # seconds between polls
+    progress: bool = True
+
+
+def is_run_dir(target: str | Path) -> bool:
+    """A directory of ``ckpt_*.pt`` files (a Hugging Face model directory has a config.json instead)."""
+    path = Path(target)
+    return path.is_dir() and not (path / "config.json").exists()
+
+
+def run(cfg: EvalConfig, report: Callable[[str], None] = print) -> list[HellaSwagResult]:
+    """Score ``cfg.target``; ``report`` receives the human-readable lines (on rank 0 only).
+
+    A run directory is scored checkpoint by checkpoint into ``<run>/hellaswag.jsonl`` (forever with
+    ``watch``); any other target is scored once and written to ``--out`` / ``--predictions``.
+    """
+    if is_run_dir(cfg.target) and (cfg.out or cfg.predictions):
+        raise UserError("--out and --predictions score one model: pass a checkpoint file, not a run directory")
+    if cfg.watch and not is_run_dir(cfg.target):
+        raise UserError(f"--watch polls a run directory for new checkpoints; {cfg.target} is not one")
+    ctx = init_distributed(cfg.device)
+    say = report if ctx.is_main else (lambda line: None)
+    try:
+        examples = load_examples(_on_main(lambda: cfg.data or ensure_val(), ctx), cfg.limit)
+        if not is_run_dir(cfg.target):
+            return [_score_target(cfg, examples, ctx, say)]
+        results = score_run(cfg, examples, ctx, say)
+        if not results and not cfg.watch:
+            say(f"every checkpoint in {cfg.target} is already scored in {SCORES_FILE}")
+        while cfg.watch:
+            time.sleep(cfg.interval)
+            results += score_run(cfg, examples, ctx, say)
+        return results
+    finally:
+        destroy_distributed()
+
+
+def _score_target(cfg: EvalConfig, examples: list[Example], ctx: DistContext, say: Callable[[str], None]):
+    model, info = load_model(cfg.target, ctx.device)
+    result = evaluate(
+        model, examples, ctx, batch_size=cfg.batch_size, dtype=cfg.dtype, progress=cfg.progress,
+        compile=cfg.compile, keep_predictions=cfg.predictions is not None,
+    )  # fmt: skip
+    if ctx.is_main:
+        say(result.summary())
+        if cfg.out:
+            summary = {"target": str(cfg.target), "step": info["step"], "n": result.n, "acc": result.acc,
+                       "acc_norm": result.acc_norm, "seconds": round(result.seconds, 3)}  # fmt: skip
+            write_text_atomic(cfg.out, json.dumps(summary, indent=2) + "\n")
+        if cfg.predictions:
+            write_text_atomic(cfg.predictions, _jsonl(asdict(p) for p in result.predictions))
+    return result
+
+
+def score_run(
+    cfg: EvalConfig, examples: list[Example], ctx: DistContext, say: Callable[[str], None]
+) -> list[HellaSwagResult]:
+    """Score each checkpoint of the run directory ``cfg.target`` that ``hellaswag.jsonl`` does not list yet.
+
+    Checkpoints are written by temp file + rename, so a listed ``ckpt_*.pt`` is complete. While
+    watching, a checkpoint that cannot be read (deleted by rotation, copied in by hand) is retried at
+    the next poll instead of ending the watch.
+    """
+    run_dir = Path(cfg.target)
+
+    def pending() -> list[tuple[int, str]]:
+        done = {record.get("step") for record in read_scores(run_dir)}
+        return [(step, str(path)) for step, path in find_checkpoints(run_dir) if step not in done]
+
+    results = []
+    scorer = None
+    for step, path in _on_main(pending, ctx):
+        model = _load_for_run(path, ctx, skip_unreadable=cfg.watch)
+        if model is None:
+            continue
+        if scorer is None or unwrap(scorer).model.config != model.config:
+            scorer = EndingScorer(model)
+            scorer = torch.compile(scorer, dynamic=True) if cfg.compile else scorer
+        else:  # same architecture: load the weights in place and keep the compiled scorer
+            unwrap(scorer).model.load_state_dict(model.state_dict())
+        gpt = unwrap(scorer).model
+        result = _evaluate_with(
+            scorer, gpt.config.block_size, examples, ctx, cfg.batch_size, cfg.dtype, cfg.progress, False
+        )
+        if ctx.is_main:
+            record = {"step": step, "acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
+            write_text_atomic(run_dir / SCORES_FILE, _jsonl([*read_scores(run_dir), record]))
+            say(f"step {step}: {result.summary()}")
+        barrier(ctx)
+        results.append(result)
+    return results
+
+
+def _load_for_run(path: str, ctx: DistContext, skip_unreadable: bool) -> GPT | None:
+    """The checkpoint's model on every rank, or None on every rank when any of them could not read it."""
+    error = None
+    try:
+        model = model_from_checkpoint(load_checkpoint(path), path).to(ctx.device).eval()
+    except UserError as e:
+        model, error = None, e
+    failed = all_reduce_sum(torch.tensor([error is not None], dtype=torch.long, device=ctx.device), ctx).item()
+    if not failed:
+        return model
+    if not skip_unreadable:
+        raise error or UserError(f"checkpoint {path} cannot be loaded on another rank")
+    log.warning("skipping %s for now: %s", path, error or "unreadable on another rank")
+    return None
