@@ -262,19 +262,15 @@ class TrainLoader:
         """Epochs completed before the next batch, as a fraction (for logging)."""
         return self.step * self.windows_per_step / self.n_windows
 
-    def step_windows(self, step: int, micro_step: int | None = None) -> list[int]:
-        """The window indices this rank reads at ``step`` (all micro-steps, or just ``micro_step``)."""
-        per_rank = self.windows_per_step // self.world_size
-        first = step * self.windows_per_step + self.rank * per_rank
-        if micro_step is None:
-            positions = range(first, first + per_rank)
-        else:
-            positions = range(first + micro_step * self.micro_batch, first + (micro_step + 1) * self.micro_batch)
-        return [self.order.window(g) for g in positions]
+    def batch_windows(self, step: int, micro_step: int) -> list[int]:
+        """The window indices of this rank's micro-batch ``micro_step`` of global step ``step``."""
+        # The step owns positions [step * W, (step + 1) * W); rank r the r-th block of W / world_size of them.
+        first = step * self.windows_per_step + (self.rank * self.grad_accum_steps + micro_step) * self.micro_batch
+        return [self.order.window(g) for g in range(first, first + self.micro_batch)]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next micro-batch: ``x``, ``y`` int64 ``(micro_batch, seq_len)`` on the device."""
-        starts = [w * self.seq_len for w in self.step_windows(self.step, self.micro_step)]
+        starts = [w * self.seq_len for w in self.batch_windows(self.step, self.micro_step)]
         x, y = _host_buffers((self.micro_batch, self.seq_len), self.device)
         self.stream.read_windows(starts, self.seq_len, x.numpy(), y.numpy())
         self.micro_step += 1
