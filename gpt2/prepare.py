@@ -1,0 +1,686 @@
+"""Tokenize a text corpus (FineWeb-Edu by default) into the uint16 shards that ``gpt2.data`` reads.
+
+Output, in one directory: ``val_000000.npy`` (the validation split, ``val_tokens`` long), then
+``train_000001.npy``, ``train_000002.npy``, ... (each exactly ``shard_tokens`` long but the last), every one
+a 1-D uint16 array written with ``np.save``, plus ``manifest.json``. Every non-empty document becomes
+``[EOT] + encode_ordinary(text)``; concatenating the shards in index order gives the documents in input order.
+
+How it runs: the parent reads documents in order (a streamed Hugging Face dataset or local parquet/jsonl/txt
+files), hands batches of a few MB of text to ``workers`` processes that each return one uint16 array, and
+copies those arrays into a shard buffer. A full shard is written atomically in a background thread, then the
+manifest is rewritten atomically with the shard's sha256 and the input position where the next shard starts
+(documents read so far + tokens of the straddling document already written). A re-run of the same command
+verifies the finished shards, skips the documents already consumed without tokenizing them, and continues:
+the result is byte-identical to an uninterrupted run, whatever the batch size or the number of workers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import socket
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from glob import glob
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlparse
+
+import numpy as np
+
+from gpt2.errors import UserError
+from gpt2.tokenizer import EOT_ID, RANKS_SHA256, get_encoding
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "gpt2-shards/1"
+SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
+# These settings decide the bytes of the output: a directory prepared with other values is not resumed.
+IDENTITY_KEYS = ("format", "source", "tokenizer", "tokenizer_sha256", "eot_id", "dtype", "shard_tokens",
+                 "val_tokens", "max_docs", "max_tokens")  # fmt: skip
+
+
+@dataclass
+class PrepareConfig:
+    """Everything that ``prepare`` needs; ``prepare_fineweb.py`` fills it from the command line."""
+
+    out: Path = Path("data/fineweb_edu10B")
+    inputs: list[str] = field(default_factory=list)  # local files, globs or directories; empty: the hub dataset
+    dataset: str = "HuggingFaceFW/fineweb-edu"
+    name: str | None = "sample-10BT"
+    split: str = "train"
+    text_field: str = "text"
+    shard_tokens: int = 100_000_000
+    val_tokens: int | None = None  # None: one shard
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_docs: int | None = None
+    max_tokens: int | None = None
+    skip_bad: bool = False
+    overwrite: bool = False
+    batch_chars: int = 1 << 22  # characters of text per batch handed to a worker
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.val_tokens is None:
+            self.val_tokens = self.shard_tokens
+        for name in ("shard_tokens", "val_tokens", "workers", "batch_chars", "max_docs", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+@dataclass(frozen=True)
+class Position:
+    """A point in the token stream, as a place to resume from.
+
+    ``docs_read`` input records (documents, including skipped ones) lie wholly before it, then ``offset``
+    tokens of the next record's ``[EOT] + tokens``; the skip counts and ``tokens`` cover everything before it.
+    """
+
+    docs_read: int = 0
+    offset: int = 0
+    docs_skipped_empty: int = 0
+    docs_skipped_bad: int = 0
+    tokens: int = 0
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """An input record that cannot be a document; ``where`` names its file and line or row."""
+
+    where: str
+    why: str
+
+
+Record = str | BadRecord
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after every batch: tokens written so far and the fraction of the job done (None: unknown)."""
+
+    tokens: int
+    fraction: float | None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources: an ordered stream of records, restartable at any record index.
+
+
+class FileSource:
+    """Local files: ``.parquet`` (read by row group), ``.jsonl``/``.jsonl.gz`` (a JSON object per line; blank
+    lines are ignored), ``.txt`` (the whole file is one document). Rows are numbered from 0, lines from 1."""
+
+    def __init__(self, patterns: list[str], text_field: str) -> None:
+        self.paths = expand_inputs(patterns)
+        self.text_field = text_field
+        self.sizes = [p.stat().st_size for p in self.paths]
+        self._index = 0  # the file being read
+        self._bytes_done = 0  # bytes of the files before it
+        self._file_fraction = 0.0  # how far into the current file
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        files = [{"path": str(p), "bytes": n} for p, n in zip(self.paths, self.sizes)]
+        return {"kind": "files", "files": files, "text_field": self.text_field}
+
+    def progress(self) -> float | None:
+        total = sum(self.sizes)
+        return (self._bytes_done + self._file_fraction * self.sizes[self._index]) / total if total else None
+
+    def records(self, start: int) -> Iterator[Record]:
+        """Every record in order, from record index ``start`` (earlier records are skipped, not parsed)."""
+        skip = start
+        for index, path in enumerate(self.paths):
+            self._index = index
+            kind = _kind(path)
+            self._file_fraction = 0.0
+            if skip:
+                n = _count_records(path, kind, self.text_field)
+                if skip >= n:
+                    skip -= n
+                    self._bytes_done += self.sizes[self._index]
+                    continue
+            reader = {"parquet": self._parquet, "jsonl": self._jsonl, "txt": self._txt}[kind]
+            yield from reader(path, skip)
+            skip = 0
+            self._bytes_done += self.sizes[self._index]
+
+    def _jsonl(self, path: Path, skip: int) -> Iterator[Record]:
+        with open(path, "rb") as raw:
+            lines = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
+            size = max(self.sizes[self._index], 1)
+            seen = 0
+            try:
+                for lineno, line in enumerate(lines, 1):
+                    if line.isspace():
+                        continue
+                    seen += 1
+                    if seen <= skip:
+                        continue
+                    if seen % 256 == 0:
+                        self._file_fraction = raw.tell() / size
+                    yield _parse_json_record(line, self.text_field, f"{path}:{lineno}")
+            except (OSError, EOFError, zlib.error) as e:
+                raise UserError(f"{path}: cannot read ({e})") from e
+
+    def _parquet(self, path: Path, skip: int) -> Iterator[Record]:
+        pf = _open_parquet(path, self.text_field)
+        group, row = 0, 0
+        while skip >= pf.metadata.row_group(group).num_rows:  # whole row groups are skipped unread
+            n = pf.metadata.row_group(group).num_rows
+            skip, row, group = skip - n, row + n, group + 1
+        total = max(pf.metadata.num_rows, 1)
+        groups = range(group, pf.num_row_groups)
+        for batch in pf.iter_batches(batch_size=8192, columns=[self.text_field], row_groups=groups):
+            for value in batch.column(0).to_pylist():
+                if skip:
+                    skip -= 1
+                else:
+                    yield _text_value(value, self.text_field, f"{path}: row {row}")
+                row += 1
+            self._file_fraction = row / total
+
+    def _txt(self, path: Path, skip: int) -> Iterator[Record]:
+        if skip:
+            return
+        data = path.read_bytes()
+        try:
+            yield data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            yield BadRecord(f"{path}:{line}", f"invalid UTF-8 at byte {e.start}")
+
+
+class HubSource:
+    """A Hugging Face dataset, streamed (no local arrow cache); needs the network."""
+
+    def __init__(self, dataset: str, name: str | None, split: str, text_field: str) -> None:
+        self.dataset, self.name, self.split, self.text_field = dataset, name, split, text_field
+        self._read = 0
+        self._total: int | None = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "hub", "dataset": self.dataset, "name": self.name, "split": self.split,
+                "text_field": self.text_field}  # fmt: skip
+
+    def progress(self) -> float | None:
+        return self._read / self._total if self._total else None
+
+    def records(self, start: int) -> Iterator[Record]:
+        stream = self._open().select_columns([self.text_field]).skip(start)
+        self._read = start
+        where = f"{self.dataset}"
+        try:
+            for row in stream:
+                yield _text_value(row[self.text_field], self.text_field, f"{where}: row {self._read}")
+                self._read += 1
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise UserError(f"lost the stream of {where} ({e}); re-run the same command to resume") from e
+
+    def _open(self):
+        hint = "download its parquet files and pass them with --input"
+        _check_hub_reachable(hint)
+        import datasets
+
+        try:
+            stream = datasets.load_dataset(self.dataset, name=self.name, split=self.split, streaming=True)
+        except (ConnectionError, OSError, ValueError, FileNotFoundError) as e:
+            raise UserError(
+                f"cannot stream {self.dataset} ({self.name}, {self.split}) from the hub: {e}; {hint}"
+            ) from e
+        if self.text_field not in (stream.column_names or [self.text_field]):
+            raise UserError(f"{self.dataset} has no column {self.text_field!r} (columns: {stream.column_names})")
+        splits = stream.info.splits
+        self._total = splits[self.split].num_examples if splits and self.split in splits else None
+        return stream
+
+
+def _check_hub_reachable(hint: str) -> None:
+    """Fail in seconds, not after minutes of retries, when the hub cannot be reached."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+        raise UserError(f"the Hugging Face hub is disabled (HF_HUB_OFFLINE); {hint}")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # the hub is reached through a proxy: leave the check to the client
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=10).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Hugging Face hub at {constants.ENDPOINT} ({e}); {hint}") from e
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Files named by ``patterns`` (files, globs, directories of input files), in order, each once."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(SUFFIXES))
+            if not found:
+                raise UserError(f"{path} holds no input files ({', '.join(SUFFIXES)})")
+        elif path.is_file():
+            found = [path]
+        elif any(c in pattern for c in "*?["):
+            found = sorted(Path(p) for p in glob(pattern) if Path(p).is_file())
+            if not found:
+                raise UserError(f"no input file matches {pattern}")
+        else:
+            raise UserError(f"no such input file: {pattern}")
+        for p in found:
+            _kind(p)
+            if p.resolve() not in (q.resolve() for q in paths):
+                paths.append(p.resolve())
+    return paths
+
+
+def _kind(path: Path) -> str:
+    name = path.name
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return "jsonl"
+    if name.endswith(".txt"):
+        return "txt"
+    raise UserError(f"{path}: unsupported input type (expected {', '.join(SUFFIXES)})")
+
+
+def _count_records(path: Path, kind: str, text_field: str) -> int:
+    if kind == "parquet":
+        return _open_parquet(path, text_field).metadata.num_rows
+    if kind == "txt":
+        return 1
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            return sum(1 for line in f if not line.isspace())
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: cannot read ({e})") from e
+
+
+def _open_parquet(path: Path, text_field: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable parquet file ({e})") from e
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise UserError(
+            f"{path} has no column {text_field!r} (columns: {', '.join(names)}); choose one with --text-field"
+        )
+    return pf
+
+
+def _parse_json_record(line: bytes, text_field: str, where: str) -> Record:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRecord(where, f"invalid UTF-8 at byte {e.start} of the line")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return BadRecord(where, f"malformed JSON ({e.msg} at column {e.colno})")
+    if not isinstance(obj, dict):
+        return BadRecord(where, f"expected a JSON object, got {type(obj).__name__}")
+    if text_field not in obj:
+        return BadRecord(where, f"no field {text_field!r} (fields: {', '.join(obj)}); choose one with --text-field")
+    return _text_value(obj[text_field], text_field, where)
+
+
+def _text_value(value: object, text_field: str, where: str) -> Record:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return BadRecord(where, f"invalid UTF-8 at byte {e.start} of {text_field!r}")
+    kind = "null" if value is None else type(value).__name__
+    return BadRecord(where, f"{text_field!r} is {kind}, expected a string")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenization: batches of documents, in order, tokenized in worker processes.
+
+
+@dataclass
+class _Batch:
+    texts: list[str]
+    records: list[int]  # the record index of each text
+    bad_records: list[int]  # records skipped as bad (--skip-bad) inside this batch
+    docs_read: int  # records read up to the end of this batch
+    docs_before: int  # documents tokenized before this batch
+    bad_before: int  # bad records skipped before this batch
+
+    @property
+    def skipped_bad(self) -> int:
+        return self.bad_before + len(self.bad_records)
+
+
+def _batches(records: Iterator[Record], start: Position, cfg: PrepareConfig) -> Iterator[_Batch]:
+    """Group records into batches of about ``batch_chars`` characters; drop empty and (with --skip-bad) bad ones."""
+    index, bad = start.docs_read, start.docs_skipped_bad
+    docs = start.docs_read - start.docs_skipped_empty - start.docs_skipped_bad
+    batch = _Batch([], [], [], index, docs, bad)
+    chars = 0
+    for record in records:
+        if docs == cfg.max_docs:
+            break
+        if isinstance(record, BadRecord):
+            if not cfg.skip_bad:
+                raise UserError(f"{record.where}: {record.why} (--skip-bad skips such documents)")
+            batch.bad_records.append(index)
+            bad += 1
+        elif record and not record.isspace():
+            batch.texts.append(record)
+            batch.records.append(index)
+            chars += len(record)
+            docs += 1
+        index += 1
+        batch.docs_read = index
+        if chars >= cfg.batch_chars:
+            yield batch
+            batch, chars = _Batch([], [], [], index, docs, bad), 0
+    yield batch  # possibly without texts: it still carries the final counts
+
+
+def tokenize_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``[EOT] + encode_ordinary(text)`` for each text, concatenated as uint16, and each document's length."""
+    enc = get_encoding()
+    pieces = [np.frombuffer(_encode_ordinary_buffer(enc, text), dtype=np.uint32) for text in texts]
+    assert all(p.max(initial=0) < 2**16 for p in pieces), "token ids must fit in uint16"
+    lengths = np.fromiter((len(p) + 1 for p in pieces), dtype=np.int64, count=len(pieces))
+    tokens = np.empty(int(lengths.sum()), dtype=np.uint16)
+    pos = 0
+    for piece in pieces:
+        tokens[pos] = EOT_ID
+        tokens[pos + 1 : pos + 1 + len(piece)] = piece
+        pos += len(piece) + 1
+    return tokens, lengths
+
+
+def _encode_ordinary_buffer(enc, text: str):
+    """tiktoken's ``encode_ordinary`` into a uint32 buffer, skipping the Python list of ints.
+
+    With no special tokens allowed, ``encode_to_tiktoken_buffer`` encodes exactly like ``encode_ordinary``
+    (a literal ``<|endoftext|>`` stays text); lone surrogates are replaced as ``encode_ordinary`` does.
+    """
+    try:
+        return enc._core_bpe.encode_to_tiktoken_buffer(text, set())
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return enc._core_bpe.encode_to_tiktoken_buffer(text, set())
+
+
+def _tokenized(batches: Iterator[_Batch], workers: int) -> Iterator[tuple[_Batch, np.ndarray, np.ndarray]]:
+    """Each batch with its tokens and document lengths, in input order; at most 2 batches per worker in flight."""
+    get_encoding()  # built once here: forked workers inherit it
+    if workers == 1:
+        for batch in batches:
+            yield batch, *tokenize_documents(batch.texts)
+        return
+    # fork where the platform has it: workers start at once and share the parent's imports and encoding.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers) as pool:
+        pending: deque[tuple[_Batch, Any]] = deque()
+        for batch in batches:
+            pending.append((batch, pool.apply_async(tokenize_documents, (batch.texts,))))
+            if len(pending) >= 2 * workers:
+                done, result = pending.popleft()
+                yield done, *result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, *result.get()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output: shards and the manifest, each written atomically.
+
+
+def shard_name(index: int) -> str:
+    """Shard 0 is the validation split; the training shards follow from 1."""
+    return f"{'val' if index == 0 else 'train'}_{index:06d}.npy"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Temp file, fsync, rename, fsync the directory: after a crash the old file or the whole new one is there."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    _atomic_write(out / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
+
+
+def _is_output_file(name: str) -> bool:
+    base = name.removesuffix(".tmp")
+    return base == MANIFEST or (base.startswith(("val_", "train_")) and base.endswith(".npy"))
+
+
+def _new_manifest(cfg: PrepareConfig, source: FileSource | HubSource) -> dict[str, Any]:
+    settings = {"format": FORMAT, "source": source.identity, "tokenizer": "gpt2", "tokenizer_sha256": RANKS_SHA256,
+                "eot_id": EOT_ID, "dtype": "uint16", "shard_tokens": cfg.shard_tokens, "val_tokens": cfg.val_tokens,
+                "max_docs": cfg.max_docs, "max_tokens": cfg.max_tokens, "skip_bad": cfg.skip_bad}  # fmt: skip
+    return {**settings, "complete": False, **_counts(Position()), "shards": [], "next": asdict(Position())}
+
+
+def _counts(pos: Position) -> dict[str, int]:
+    return {"tokens": pos.tokens, "docs_read": pos.docs_read, "docs_skipped_empty": pos.docs_skipped_empty,
+            "docs_skipped_bad": pos.docs_skipped_bad}  # fmt: skip
+
+
+def _open_output(cfg: PrepareConfig, source: FileSource | HubSource) -> tuple[dict[str, Any], Position]:
+    """The manifest to continue and where to resume; refuses a directory prepared differently."""
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    fresh = _new_manifest(cfg, source)
+    ours = [p for p in out.iterdir() if _is_output_file(p.name)]
+    if cfg.overwrite:
+        for p in ours:
+            p.unlink()
+    elif (out / MANIFEST).exists():
+        manifest = _read_manifest(out / MANIFEST)
+        for key in IDENTITY_KEYS:
+            if manifest.get(key) != fresh[key]:
+                raise UserError(
+                    f"{out} was prepared with another {key} ({json.dumps(manifest.get(key))[:300]}, now "
+                    f"{json.dumps(fresh[key])[:300]}); pass --overwrite to replace it, or choose another --out"
+                )
+        manifest["skip_bad"] = cfg.skip_bad  # may change on resume: the part so far skipped nothing it would not
+        for p in ours:
+            if p.name.endswith(".tmp"):
+                p.unlink()  # left by a killed run
+        return _verify_shards(out, manifest)
+    elif ours:
+        raise UserError(f"{out} holds shards but no {MANIFEST}; pass --overwrite to replace them")
+    _write_manifest(out, fresh)
+    return fresh, Position()
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") == FORMAT:
+            return manifest
+    except (ValueError, AttributeError):
+        pass
+    raise UserError(f"{path} is not a manifest written by prepare_fineweb.py; pass --overwrite to replace it")
+
+
+def _verify_shards(out: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], Position]:
+    """Check every finished shard's sha256; resume from the first one that is missing or damaged."""
+    for i, shard in enumerate(manifest["shards"]):
+        path = out / shard_name(i)
+        if shard["file"] != path.name or not path.is_file() or file_sha256(path) != shard["sha256"]:
+            log.warning("%s is missing or does not match its sha256: making it again", path)
+            start = Position(**shard["start"])
+            manifest.update(complete=False, shards=manifest["shards"][:i], next=asdict(start), **_counts(start))
+            _write_manifest(out, manifest)
+            return manifest, start
+    return manifest, Position(**manifest["next"])
+
+
+def _position(batch: _Batch, lengths: np.ndarray, ends: np.ndarray, taken: int, tokens: int, *, whole: bool = False):
+    """Where the stream stands once the first ``taken`` tokens of ``batch`` are written (``tokens`` in all).
+
+    ``whole``: count a document cut short (by --max-tokens) as read, for the final counts.
+    """
+    j = int(np.searchsorted(ends, taken - 1, side="right"))  # the document holding the last token taken
+    record, docs, offset = batch.records[j], batch.docs_before + j, taken - int(ends[j] - lengths[j])
+    if offset == lengths[j] or whole:
+        record, docs, offset = record + 1, docs + 1, 0
+    bad = batch.bad_before + sum(r < record for r in batch.bad_records)
+    return Position(record, offset, record - docs - bad, bad, tokens)
+
+
+class _ShardWriter:
+    """Copies token arrays into the current shard's buffer; a background thread writes full shards + manifest."""
+
+    def __init__(self, cfg: PrepareConfig, manifest: dict[str, Any], start: Position) -> None:
+        self.cfg, self.manifest = cfg, manifest
+        self.index = len(manifest["shards"])
+        self.shard_start = start
+        self.tokens = start.tokens
+        self.drop = start.offset  # tokens of the first document already in an earlier shard
+        self.buf = np.empty(self._capacity(), dtype=np.uint16)
+        self.fill = 0
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+        self.pending: Future | None = None
+
+    def _capacity(self) -> int:
+        return self.cfg.val_tokens if self.index == 0 else self.cfg.shard_tokens
+
+    def add(self, batch: _Batch, tokens: np.ndarray, lengths: np.ndarray) -> Position | None:
+        """Copy a batch in; once --max-tokens is reached, the final position (the rest of the batch is dropped)."""
+        ends = np.cumsum(lengths)
+        taken, self.drop = self.drop, 0
+        while taken < len(tokens):
+            n = min(len(self.buf) - self.fill, len(tokens) - taken)
+            if self.cfg.max_tokens is not None:
+                n = min(n, self.cfg.max_tokens - self.tokens)
+            self.buf[self.fill : self.fill + n] = tokens[taken : taken + n]
+            self.fill, self.tokens, taken = self.fill + n, self.tokens + n, taken + n
+            if self.fill == len(self.buf):
+                self._flush(_position(batch, lengths, ends, taken, self.tokens))
+            if self.tokens == self.cfg.max_tokens:
+                return _position(batch, lengths, ends, taken, self.tokens, whole=True)
+        return None
+
+    def finish(self, final: Position) -> None:
+        """Write the last, shorter shard and mark the manifest complete with the final counts."""
+        if self.fill and self.index > 0:
+            self._flush(final)
+        self._wait()
+        if self.index < 2:
+            raise UserError(
+                f"the input holds only {self.tokens:,} tokens, no more than --val-tokens {self.cfg.val_tokens:,}: "
+                "nothing is left for a training shard; lower --val-tokens"
+            )
+        self.manifest.update(complete=True, next=asdict(final), **_counts(final))
+        _write_manifest(self.cfg.out, self.manifest)
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=True)  # a shard being written is finished, so its work is not lost
+
+    def _flush(self, next_start: Position) -> None:
+        self._wait()
+        entry = {"file": shard_name(self.index), "split": "val" if self.index == 0 else "train", "tokens": self.fill}
+        self.pending = self.thread.submit(self._write, self.buf[: self.fill], entry, self.shard_start, next_start)
+        self.index, self.shard_start = self.index + 1, next_start
+        self.buf, self.fill = np.empty(self._capacity(), dtype=np.uint16), 0
+
+    def _write(self, tokens: np.ndarray, entry: dict[str, Any], start: Position, next_start: Position) -> None:
+        path = self.cfg.out / entry["file"]
+        _atomic_write(path, lambda f: np.save(f, tokens))
+        entry.update(sha256=file_sha256(path), start=asdict(start))
+        self.manifest["shards"].append(entry)
+        self.manifest.update(next=asdict(next_start), **_counts(next_start))
+        _write_manifest(self.cfg.out, self.manifest)
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            try:
+                self.pending.result()
+            except OSError as e:
+                raise UserError(f"cannot write to {self.cfg.out}: {e}") from e
+            self.pending = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def prepare(cfg: PrepareConfig, on_progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
+    """Prepare the shards in ``cfg.out``, or finish a run that was interrupted; returns the final manifest."""
+    source = (
+        FileSource(cfg.inputs, cfg.text_field)
+        if cfg.inputs
+        else HubSource(cfg.dataset, cfg.name, cfg.split, cfg.text_field)
+    )
+    manifest, start = _open_output(cfg, source)
+    if manifest["complete"]:
+        log.info("%s is already complete: %d shards, %d tokens", cfg.out, len(manifest["shards"]), manifest["tokens"])
+        return manifest
+    if manifest["shards"]:
+        log.info("resuming after %d finished shards, at input document %d", len(manifest["shards"]), start.docs_read)
+    writer = _ShardWriter(cfg, manifest, start)
+    try:
+        stream = _tokenized(_batches(source.records(start.docs_read), start, cfg), cfg.workers)
+        final = None
+        for batch, tokens, lengths in stream:
+            final = writer.add(batch, tokens, lengths)
+            if final is not None:
+                break
+            if on_progress is not None:
+                docs = batch.docs_before + len(batch.texts)
+                on_progress(Progress(writer.tokens, _fraction(cfg, writer.tokens, docs, source.progress())))
+        stream.close()  # stops the workers at once when --max-tokens cut the input short
+        if final is None:  # the input ran out (or --max-docs): every record read counts
+            docs = batch.docs_before + len(batch.texts)
+            skipped_empty = batch.docs_read - docs - batch.skipped_bad
+            final = Position(batch.docs_read, 0, skipped_empty, batch.skipped_bad, writer.tokens)
+        writer.finish(final)
+    finally:
+        writer.close()
+    return manifest
+
+
+def _fraction(cfg: PrepareConfig, tokens: int, docs: int, source_fraction: float | None) -> float | None:
+    """The largest of the fractions known: of --max-tokens, of --max-docs, of the input read."""
+    known = [source_fraction]
+    if cfg.max_tokens:
+        known.append(tokens / cfg.max_tokens)
+    if cfg.max_docs:
+        known.append(docs / cfg.max_docs)
+    return max((f for f in known if f is not None), default=None)
