@@ -123,6 +123,9 @@ class FileSource:
         self.paths = expand_inputs(patterns)
         self.text_field = text_field
         self.sizes = [p.stat().st_size for p in self.paths]
+        for path in self.paths:  # a missing column is found now, not hours later
+            if _kind(path) == "parquet":
+                _open_parquet(path, text_field)
         self._index = 0  # the file being read
         self._bytes_done = 0  # bytes of the files before it
         self._file_fraction = 0.0  # how far into the current file
@@ -518,7 +521,7 @@ def _open_output(cfg: PrepareConfig, source: FileSource | HubSource) -> tuple[di
                     f"{out} was prepared with another {key} ({json.dumps(manifest.get(key))[:300]}, now "
                     f"{json.dumps(fresh[key])[:300]}); pass --overwrite to replace it, or choose another --out"
                 )
-        manifest["skip_bad"] = cfg.skip_bad  # may change on resume: the part so far skipped nothing it would not
+        manifest["skip_bad"] = cfg.skip_bad  # not part of the identity: both write the same bytes up to a bad record
         for p in ours:
             if p.name.endswith(".tmp"):
                 p.unlink()  # left by a killed run
