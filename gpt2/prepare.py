@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import socket
 import zlib
 from collections import deque
@@ -90,6 +92,12 @@ class Position:
     docs_skipped_empty: int = 0
     docs_skipped_bad: int = 0
     tokens: int = 0
+
+    def through_document(self) -> Position:
+        """The same point with the document it cuts counted as read: the final counts when --max-tokens cut it."""
+        if not self.offset:
+            return self
+        return Position(self.docs_read + 1, 0, self.docs_skipped_empty, self.docs_skipped_bad, self.tokens)
 
 
 @dataclass(frozen=True)
@@ -178,7 +186,7 @@ class FileSource:
     def _parquet(self, path: Path, skip: int) -> Iterator[Record]:
         pf = _open_parquet(path, self.text_field)
         group, row = 0, 0
-        while skip >= pf.metadata.row_group(group).num_rows:  # whole row groups are skipped unread
+        while skip and skip >= pf.metadata.row_group(group).num_rows:  # whole row groups are skipped unread
             n = pf.metadata.row_group(group).num_rows
             skip, row, group = skip - n, row + n, group + 1
         total = max(pf.metadata.num_rows, 1)
@@ -193,8 +201,7 @@ class FileSource:
             self._file_fraction = row / total
 
     def _txt(self, path: Path, skip: int) -> Iterator[Record]:
-        if skip:
-            return
+        assert skip == 0, "records() skips whole .txt files"
         data = path.read_bytes()
         try:
             yield data.decode("utf-8")
@@ -227,7 +234,7 @@ class HubSource:
             for row in stream:
                 yield _text_value(row[self.text_field], self.text_field, f"{where}: row {self._read}")
                 self._read += 1
-        except (ConnectionError, TimeoutError, OSError) as e:
+        except _network_errors() as e:
             raise UserError(f"lost the stream of {where} ({e}); re-run the same command to resume") from e
 
     def _open(self):
@@ -237,7 +244,7 @@ class HubSource:
 
         try:
             stream = datasets.load_dataset(self.dataset, name=self.name, split=self.split, streaming=True)
-        except (ConnectionError, OSError, ValueError, FileNotFoundError) as e:
+        except (*_network_errors(), ValueError) as e:
             raise UserError(
                 f"cannot stream {self.dataset} ({self.name}, {self.split}) from the hub: {e}; {hint}"
             ) from e
@@ -246,6 +253,17 @@ class HubSource:
         splits = stream.info.splits
         self._total = splits[self.split].num_examples if splits and self.split in splits else None
         return stream
+
+
+def _network_errors() -> tuple[type[Exception], ...]:
+    """What the hub client raises when the network fails: OSError, and the HTTP library's own errors."""
+    errors: list[type[Exception]] = [OSError]
+    for module in ("httpx2", "httpx"):  # huggingface_hub's HTTP client, by version; not an OSError
+        try:
+            errors.append(importlib.import_module(module).HTTPError)
+        except ImportError:
+            pass
+    return tuple(errors)
 
 
 def _check_hub_reachable(hint: str) -> None:
@@ -266,6 +284,7 @@ def _check_hub_reachable(hint: str) -> None:
 def expand_inputs(patterns: list[str]) -> list[Path]:
     """Files named by ``patterns`` (files, globs, directories of input files), in order, each once."""
     paths: list[Path] = []
+    seen: set[Path] = set()
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
@@ -280,10 +299,11 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
                 raise UserError(f"no input file matches {pattern}")
         else:
             raise UserError(f"no such input file: {pattern}")
-        for p in found:
+        for p in map(Path.resolve, found):
             _kind(p)
-            if p.resolve() not in (q.resolve() for q in paths):
-                paths.append(p.resolve())
+            if p not in seen:
+                seen.add(p)
+                paths.append(p)
     return paths
 
 
@@ -369,6 +389,10 @@ class _Batch:
     bad_before: int  # bad records skipped before this batch
 
     @property
+    def docs_after(self) -> int:
+        return self.docs_before + len(self.texts)
+
+    @property
     def skipped_bad(self) -> int:
         return self.bad_before + len(self.bad_records)
 
@@ -428,6 +452,11 @@ def _encode_ordinary_buffer(enc, text: str):
         return enc._core_bpe.encode_to_tiktoken_buffer(text, set())
 
 
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them: one message instead of one traceback each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _tokenized(batches: Iterator[_Batch], workers: int) -> Iterator[tuple[_Batch, np.ndarray, np.ndarray]]:
     """Each batch with its tokens and document lengths, in input order; at most 2 batches per worker in flight."""
     get_encoding()  # built once here: forked workers inherit it
@@ -437,7 +466,7 @@ def _tokenized(batches: Iterator[_Batch], workers: int) -> Iterator[tuple[_Batch
         return
     # fork where the platform has it: workers start at once and share the parent's imports and encoding.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers) as pool:
+    with mp.get_context(method).Pool(workers, initializer=_ignore_sigint) as pool:
         pending: deque[tuple[_Batch, Any]] = deque()
         for batch in batches:
             pending.append((batch, pool.apply_async(tokenize_documents, (batch.texts,))))
@@ -555,14 +584,11 @@ def _verify_shards(out: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any],
     return manifest, Position(**manifest["next"])
 
 
-def _position(batch: _Batch, lengths: np.ndarray, ends: np.ndarray, taken: int, tokens: int, *, whole: bool = False):
-    """Where the stream stands once the first ``taken`` tokens of ``batch`` are written (``tokens`` in all).
-
-    ``whole``: count a document cut short (by --max-tokens) as read, for the final counts.
-    """
+def _position(batch: _Batch, lengths: np.ndarray, ends: np.ndarray, taken: int, tokens: int) -> Position:
+    """Where the stream stands once the first ``taken`` tokens of ``batch`` are written (``tokens`` in all)."""
     j = int(np.searchsorted(ends, taken - 1, side="right"))  # the document holding the last token taken
     record, docs, offset = batch.records[j], batch.docs_before + j, taken - int(ends[j] - lengths[j])
-    if offset == lengths[j] or whole:
+    if offset == lengths[j]:
         record, docs, offset = record + 1, docs + 1, 0
     bad = batch.bad_before + sum(r < record for r in batch.bad_records)
     return Position(record, offset, record - docs - bad, bad, tokens)
@@ -598,7 +624,7 @@ class _ShardWriter:
             if self.fill == len(self.buf):
                 self._flush(_position(batch, lengths, ends, taken, self.tokens))
             if self.tokens == self.cfg.max_tokens:
-                return _position(batch, lengths, ends, taken, self.tokens, whole=True)
+                return _position(batch, lengths, ends, taken, self.tokens).through_document()
         return None
 
     def finish(self, final: Position) -> None:
@@ -659,24 +685,36 @@ def prepare(cfg: PrepareConfig, on_progress: Callable[[Progress], None] | None =
         log.info("resuming after %d finished shards, at input document %d", len(manifest["shards"]), start.docs_read)
     writer = _ShardWriter(cfg, manifest, start)
     try:
-        stream = _tokenized(_batches(source.records(start.docs_read), start, cfg), cfg.workers)
-        final = None
-        for batch, tokens, lengths in stream:
-            final = writer.add(batch, tokens, lengths)
-            if final is not None:
-                break
-            if on_progress is not None:
-                docs = batch.docs_before + len(batch.texts)
-                on_progress(Progress(writer.tokens, _fraction(cfg, writer.tokens, docs, source.progress())))
-        stream.close()  # stops the workers at once when --max-tokens cut the input short
-        if final is None:  # the input ran out (or --max-docs): every record read counts
-            docs = batch.docs_before + len(batch.texts)
-            skipped_empty = batch.docs_read - docs - batch.skipped_bad
-            final = Position(batch.docs_read, 0, skipped_empty, batch.skipped_bad, writer.tokens)
-        writer.finish(final)
+        writer.finish(_tokenize_into(writer, source, start, cfg, on_progress))
     finally:
         writer.close()
     return manifest
+
+
+def _tokenize_into(
+    writer: _ShardWriter,
+    source: FileSource | HubSource,
+    start: Position,
+    cfg: PrepareConfig,
+    on_progress: Callable[[Progress], None] | None,
+) -> Position:
+    """Tokenize the input from ``start`` into ``writer``; returns the final position (the counts of the run)."""
+    if start.tokens == cfg.max_tokens:  # killed after the last shard, before the manifest said complete
+        return start.through_document()
+    stream = _tokenized(_batches(source.records(start.docs_read), start, cfg), cfg.workers)
+    try:
+        for batch, tokens, lengths in stream:
+            final = writer.add(batch, tokens, lengths)
+            if final is not None:
+                return final
+            if on_progress is not None:
+                fraction = _fraction(cfg, writer.tokens, batch.docs_after, source.progress())
+                on_progress(Progress(writer.tokens, fraction))
+    finally:
+        stream.close()  # stops the workers at once where --max-tokens cut the input short
+    # the input ran out (or --max-docs): every record read counts; _batches always yields a last batch
+    skipped_empty = batch.docs_read - batch.docs_after - batch.skipped_bad
+    return Position(batch.docs_read, 0, skipped_empty, batch.skipped_bad, writer.tokens)
 
 
 def _fraction(cfg: PrepareConfig, tokens: int, docs: int, source_fraction: float | None) -> float | None:

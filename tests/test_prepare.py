@@ -245,6 +245,38 @@ def test_damaged_or_missing_shards_are_remade_identically(tmp_path):
     assert {f.name: f.read_bytes() for f in out.iterdir()} == original
 
 
+@pytest.mark.parametrize("inside_document", [True, False])
+def test_interrupted_before_complete_at_max_tokens(tmp_path, monkeypatch, inside_document):
+    """Stopped after the last shard (cut by --max-tokens inside a document, or at the end of one followed by
+    an empty one) but before the manifest said complete: the re-run completes it like an uninterrupted run."""
+    import gpt2.prepare
+
+    inputs = write_input(tmp_path, "jsonl", DOCS)
+    first = len(reference(DOCS[:1]))
+    kw = (
+        dict(shard_tokens=150, val_tokens=100, max_tokens=400)
+        if inside_document
+        else dict(shard_tokens=3, val_tokens=first - 3, max_tokens=first)
+    )
+    _, whole = run(tmp_path, inputs, name="whole", **kw)
+    finish = gpt2.prepare._ShardWriter.finish
+
+    def interrupted(self, final):
+        monkeypatch.setattr(gpt2.prepare._ShardWriter, "finish", finish)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpt2.prepare._ShardWriter, "finish", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, inputs, name="cut", **kw)
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert not manifest["complete"] and manifest["next"]["tokens"] == kw["max_tokens"]
+    assert (manifest["next"]["offset"] > 0) == inside_document
+    run(tmp_path, inputs, name="cut", **kw)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "cut").iterdir()} == {
+        f.name: f.read_bytes() for f in whole.iterdir()
+    }
+
+
 def wait_for_shards(proc: subprocess.Popen, manifest: Path, count: int) -> None:
     while proc.poll() is None:
         try:
