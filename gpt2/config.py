@@ -1,0 +1,179 @@
+"""The training run's configuration: one typed dataclass whose fields are also ``train.py``'s flags.
+
+Every field ``foo_bar`` is the command-line flag ``--foo-bar`` with the same default, so a run's
+configuration, its flags and the ``train_config`` saved in its checkpoints all spell things one way.
+The defaults are the GPT-2 124M recipe of the GPT-3 paper as build-nanogpt runs it on FineWeb-Edu 10B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from gpt2.distributed import DEVICES, DTYPES
+from gpt2.errors import UserError
+from gpt2.model import PRESETS, GPTConfig
+
+PADDED_VOCAB_MULTIPLE = 64  # 50257 -> 50304 rows: aligned matmuls on GPUs, never predicted (logits are cut)
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. ``None`` means "the model's or device's own value"."""
+
+    # data and outputs
+    data: str = _opt("data/fineweb_edu10B", "directory of token shards written by prepare_fineweb.py")
+    out: str = _opt("runs/gpt2-124m", "run directory: checkpoints and log.jsonl")
+    # model
+    model: str = _opt("gpt2", f"architecture preset: {', '.join(PRESETS)}")
+    n_layer: int | None = _opt(None, "override the preset's number of layers")
+    n_head: int | None = _opt(None, "override the preset's number of attention heads")
+    n_embd: int | None = _opt(None, "override the preset's width")
+    vocab_size: int | None = _opt(None, "override the vocabulary size (GPT-2 BPE: 50257; padded to a multiple of 64)")
+    block_size: int | None = _opt(None, "override the context length the model supports (preset: 1024)")
+    init_from: str | None = _opt(None, "start from pretrained weights: a hub id (gpt2 ... gpt2-xl) or a HF directory")
+    # batch
+    seq_len: int = _opt(1024, "tokens per training sequence")
+    micro_batch: int = _opt(64, "sequences per forward/backward on each process")
+    batch_tokens: int = _opt(524288, "tokens per optimizer step over all processes (2**19, as in GPT-3 Small)")
+    # optimization
+    max_steps: int = _opt(19073, "optimizer steps (19073 x 524288 tokens = one epoch of FineWeb-Edu 10B)")
+    warmup_steps: int = _opt(715, "steps of linear learning-rate warmup")
+    lr: float = _opt(6e-4, "peak learning rate")
+    min_lr: float = _opt(6e-5, "learning rate at the end of the cosine decay")
+    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices and embeddings (>= 2-D)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    eps: float = _opt(1e-8, "AdamW epsilon")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)")
+    seed: int = _opt(1337, "seed for the model's initialization and the data order")
+    # speed
+    device: str = _opt("auto", f"{', '.join(DEVICES)} (auto: CUDA when present, else CPU)")
+    dtype: str = _opt("bf16", f"compute dtype of forward/backward under autocast: {', '.join(DTYPES)}")
+    compile: bool | None = _opt(None, "torch.compile the model (default: on for CUDA, off elsewhere)")
+    # evaluation
+    eval_every: int = _opt(250, "validation loss every N steps and at the end (0: never)")
+    val_tokens: int = _opt(10485760, "tokens of the validation shard scored at each evaluation")
+    sample_every: int = _opt(1000, "print text samples every N steps and at the end (0: never)")
+    sample_prompt: str = _opt("Hello, I'm a language model,", "prompt of the text samples")
+    num_samples: int = _opt(4, "text samples per sampling")
+    max_new_tokens: int = _opt(32, "tokens generated per text sample")
+    hellaswag_every: int = _opt(0, "HellaSwag accuracy every N steps and at the end (0: never)")
+    hellaswag_data: str = _opt("data/hellaswag/hellaswag_val.jsonl", "HellaSwag validation jsonl")
+    hellaswag_limit: int | None = _opt(None, "score only the first N HellaSwag examples")
+    # checkpoints and logs
+    save_every: int = _opt(5000, "write a checkpoint every N steps (and always at the end; 0: only at the end)")
+    keep_last: int = _opt(0, "keep only the newest N checkpoints (0: keep all)")
+    resume: str = _opt(
+        "auto",
+        "auto: continue from the newest checkpoint in --out; never: refuse a non-empty --out; "
+        "or a checkpoint file to start from",
+    )
+    peak_tflops: str = _opt(
+        "auto", "device bf16 peak for MFU: auto (known GPUs; measured once on CPU), none, or a number in TFLOP/s"
+    )
+
+    def __post_init__(self) -> None:
+        positive = ("seq_len", "micro_batch", "batch_tokens", "max_steps", "num_samples", "max_new_tokens")
+        non_negative = (
+            "warmup_steps",
+            "eval_every",
+            "val_tokens",
+            "sample_every",
+            "hellaswag_every",
+            "save_every",
+            "keep_last",
+            "seed",
+            "grad_clip",
+            "weight_decay",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"{flag(name)} must be positive, got {getattr(self, name)}")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UserError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "hellaswag_limit"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"{flag(name)} must be positive, got {getattr(self, name)}")
+        if not 0 < self.min_lr <= self.lr:
+            raise UserError(f"need 0 < --min-lr <= --lr, got --min-lr {self.min_lr} and --lr {self.lr}")
+        if self.warmup_steps > self.max_steps:
+            raise UserError(f"--warmup-steps {self.warmup_steps} exceeds --max-steps {self.max_steps}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
+            raise UserError("AdamW needs 0 <= --beta1, --beta2 < 1 and --eps > 0")
+        if self.model not in PRESETS:
+            raise UserError(f"unknown --model {self.model!r}; choose one of {', '.join(PRESETS)}")
+        if self.device not in DEVICES:
+            raise UserError(f"unknown --device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.init_from is not None and any(getattr(self, n) is not None for n in ARCH_OVERRIDES):
+            raise UserError("--init-from takes the pretrained model's architecture; drop the architecture overrides")
+        self.peak_flops()  # validates --peak-tflops
+
+    def model_config(self) -> GPTConfig:
+        """The architecture to train from scratch: the preset, the overrides, the vocabulary padded to 64."""
+        overrides = {n: getattr(self, n) for n in ARCH_OVERRIDES if getattr(self, n) is not None}
+        try:
+            return GPTConfig.preset(self.model, vocab_multiple=PADDED_VOCAB_MULTIPLE, **overrides)
+        except ValueError as e:
+            raise UserError(f"invalid architecture: {e}") from None
+
+    def use_compile(self, device_type: str) -> bool:
+        return self.compile if self.compile is not None else device_type == "cuda"
+
+    def peak_flops(self) -> float | str | None:
+        """``--peak-tflops`` as FLOP/s, ``"auto"``, or None (no MFU)."""
+        if self.peak_tflops in ("auto", "none"):
+            return None if self.peak_tflops == "none" else "auto"
+        try:
+            value = float(self.peak_tflops)
+        except ValueError:
+            value = -1.0
+        if value <= 0:
+            raise UserError(f"--peak-tflops must be auto, none or a positive number, got {self.peak_tflops!r}")
+        return value * 1e12
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a config field: ``seq_len`` -> ``--seq-len``."""
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str = "train.py", description: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser with one flag per ``TrainConfig`` field, same names, types and defaults."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        kind = hints[f.name]
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
+        kwargs: dict[str, Any] = {
+            "default": f.default if f.default is not MISSING else None,
+            "help": f.metadata["help"],
+        }
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = base
+            kwargs["metavar"] = f.name.upper()
+        parser.add_argument(flag(f.name), dest=f.name, **kwargs)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})

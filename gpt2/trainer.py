@@ -1,0 +1,488 @@
+"""The training loop: GPT-2 pretraining with DDP, gradient accumulation, in-loop evaluation and exact resume.
+
+One code path for every setup: ``python train.py`` is one process without a process group, and
+``torchrun --nproc_per_node=N train.py`` runs the same loop with DDP (NCCL on CUDA, gloo on CPU).
+
+Step numbering: optimizer step ``s`` (0-based) turns the weights after ``s`` steps into those after ``s + 1``.
+Evaluations reported at step ``s`` and the checkpoint ``ckpt_<s>.pt`` both describe the weights after ``s``
+steps; a checkpoint is always written after that step's evaluations, so a resumed run neither repeats nor
+skips any, and continues with exactly the batches, learning rates and optimizer state of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gpt2.checkpoint import (
+    checkpoint_path,
+    find_checkpoints,
+    load_checkpoint,
+    model_from_checkpoint,
+    model_payload,
+    save_checkpoint,
+)
+from gpt2.config import PADDED_VOCAB_MULTIPLE, TrainConfig, flag
+from gpt2.data import PAD_TARGET, TrainLoader, ValLoader, list_shards
+from gpt2.distributed import DistContext, all_reduce_sum, autocast, barrier, destroy_distributed, init_distributed
+from gpt2.errors import UserError
+from gpt2.metrics import device_peak, mfu
+from gpt2.model import GPT
+from gpt2.runlog import JsonlLog, Reporter
+from gpt2.sample import sample_text
+from gpt2.schedule import lr_at
+
+LOG_FILE = "log.jsonl"
+TRAINING_STATE = ("optimizer", "loader", "rng", "train_config")
+
+
+class NonFiniteLoss(UserError):
+    """The loss or the gradient norm became NaN or infinite; the run stops without touching its checkpoints."""
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: after ``step`` optimizer steps, with its last val loss and newest checkpoint."""
+
+    step: int
+    val_loss: float | None
+    checkpoint: Path | None
+    stopped_by: str | None = None  # the signal (or other reason) that stopped the run early
+
+
+class StopRequest:
+    """A request to stop gracefully: the loop finishes its step, writes a checkpoint and returns.
+
+    ``catch_signals`` turns SIGTERM and SIGINT into such a request (a second SIGINT interrupts at once).
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        self.reason = reason
+
+    @contextlib.contextmanager
+    def catch_signals(self) -> Iterator[StopRequest]:
+        def handler(signum: int, frame: Any) -> None:
+            name = signal.Signals(signum).name
+            if name == "SIGINT" and self.reason == "SIGINT":
+                raise KeyboardInterrupt
+            self.request(name)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean loss over the whole global batch
+    grad_norm: float  # global gradient norm before clipping
+
+
+def forward_backward(
+    model: nn.Module,
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    grad_accum_steps: int,
+    device_type: str,
+    dtype: str,
+) -> torch.Tensor:
+    """Accumulate the gradient of the global batch's mean loss over ``grad_accum_steps`` micro-batches;
+    return this rank's mean loss (detached)."""
+    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    for micro_step in range(grad_accum_steps):
+        x, y = next_batch()
+        # DDP all-reduces gradients during backward; do it once, on the last micro-step, not every time.
+        last = micro_step == grad_accum_steps - 1
+        sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
+        with sync:
+            with autocast(device_type, dtype):
+                _, loss = model(x, y)
+            # Every micro-batch holds the same number of tokens, so the mean of the means is the global mean;
+            # DDP then averages the ranks' gradients, which are means over equal shares too.
+            loss = loss / grad_accum_steps
+            loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    grad_accum_steps: int,
+    lr: float,
+    grad_clip: float,
+    ctx: DistContext,
+    dtype: str,
+) -> StepStats:
+    """One optimizer step on one global batch: accumulate, clip, update. Raises ``NonFiniteLoss`` before the
+    update if the loss or the gradient norm is not finite, so the weights are never corrupted."""
+    loss = forward_backward(model, next_batch, grad_accum_steps, ctx.device_type, dtype)
+    loss = all_reduce_sum(loss, ctx) / ctx.world_size
+    # max_norm=inf still returns the norm (for the log) without scaling anything.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    loss_value, norm_value = torch.stack([loss, grad_norm.to(loss.device)]).tolist()
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"loss {loss_value}, gradient norm {norm_value}")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss=loss_value, grad_norm=norm_value)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: ValLoader, ctx: DistContext, dtype: str) -> float:
+    """Mean loss over every target token of the validation windows, exactly, whatever the world size."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64 if ctx.device_type != "mps" else torch.float32, device=ctx.device)
+    for x, y in batches:
+        with autocast(ctx.device_type, dtype):
+            _, loss = model(x, y)
+        n = (y != PAD_TARGET).sum()  # padding rows of the last batch are ignored by the loss
+        totals += torch.stack([loss.to(totals.dtype) * n, n.to(totals.dtype)])
+    model.train()
+    loss_sum, count = all_reduce_sum(totals, ctx).tolist()
+    return loss_sum / count
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def check_data(data_dir: str | Path) -> None:
+    """Fail early, with a hint, when the shards are missing."""
+    try:
+        list_shards(data_dir, "train")
+    except UserError as e:
+        raise UserError(f"{e} (--data {data_dir})") from None
+
+
+def find_resume_checkpoint(cfg: TrainConfig, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to continue from according to ``--resume``, loaded; None to start afresh."""
+    out = Path(cfg.out)
+    if cfg.resume == "never":
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"--out {out} is not empty and --resume is never; choose a new --out or --resume auto")
+        return None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        return path, _resumable(load_checkpoint(path), path)
+    unreadable = []
+    for _, path in reversed(find_checkpoints(out)):
+        try:
+            return path, _resumable(load_checkpoint(path), path)
+        except UserError as e:
+            unreadable.append(path.name)
+            say(f"warning: {e}; falling back to the previous checkpoint")
+    if unreadable:
+        raise UserError(
+            f"no checkpoint in {out} can be resumed ({', '.join(unreadable)}); move them away to start over"
+        )
+    return None
+
+
+def _resumable(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    missing = [key for key in TRAINING_STATE if key not in ckpt]
+    if missing:
+        raise UserError(f"checkpoint {path} holds no training state ({', '.join(missing)}), so it cannot be resumed")
+    return ckpt
+
+
+def check_architecture(ckpt: dict[str, Any], cfg: TrainConfig, source: Path) -> None:
+    """A run directory belongs to one architecture: refuse to continue it with another."""
+    if cfg.init_from is not None:
+        return  # the architecture is the pretrained model's, whatever the flags say
+    wanted = cfg.model_config().to_dict()
+    diffs = [f"{k} {ckpt['config'].get(k)} vs {v}" for k, v in wanted.items() if ckpt["config"].get(k) != v]
+    if diffs:
+        raise UserError(
+            f"{source} is a checkpoint of a different architecture ({', '.join(diffs)} in this run); "
+            f"use another --out or the checkpoint's architecture flags"
+        )
+
+
+def build_model(cfg: TrainConfig, ckpt: dict[str, Any] | None, source: Path | None) -> GPT:
+    """The model to train: the checkpoint's, the pretrained one (vocabulary padded), or a fresh one."""
+    torch.manual_seed(cfg.seed)  # every rank draws the same initial weights
+    if ckpt is not None:
+        return model_from_checkpoint(ckpt, source)
+    if cfg.init_from is not None:
+        return pad_vocab(GPT.from_pretrained(cfg.init_from), PADDED_VOCAB_MULTIPLE)
+    return GPT(cfg.model_config())
+
+
+def pad_vocab(model: GPT, multiple: int) -> GPT:
+    """The same model with its embedding table padded to a multiple of ``multiple`` rows (zeros, never used)."""
+    config = replace(model.config, vocab_multiple=multiple)
+    if config.padded_vocab_size == model.config.padded_vocab_size:
+        return model
+    padded = GPT(config)
+    state = model.state_dict()
+    wte = torch.zeros_like(padded.transformer.wte.weight)
+    wte[: model.config.padded_vocab_size] = state["transformer.wte.weight"]
+    padded.load_state_dict({**state, "transformer.wte.weight": wte, "lm_head.weight": wte})
+    return padded
+
+
+def gather_rng_states(ctx: DistContext) -> dict[str, list[torch.Tensor] | None]:
+    """Every rank's torch RNG states (CPU, and CUDA where used), indexed by rank."""
+    cuda = ctx.device_type == "cuda"
+    state = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
+    states = [state]
+    if ctx.is_distributed:
+        states = [None] * ctx.world_size
+        dist.all_gather_object(states, state)
+    return {"cpu": [s[0] for s in states], "cuda": [s[1] for s in states] if cuda else None}
+
+
+def restore_rng_states(rng: dict[str, list[torch.Tensor] | None], ctx: DistContext) -> None:
+    """Restore this rank's RNG states (rank 0's when the world size changed)."""
+    index = ctx.rank if len(rng["cpu"]) == ctx.world_size else 0
+    torch.set_rng_state(rng["cpu"][index].cpu())
+    if ctx.device_type == "cuda" and rng.get("cuda"):
+        torch.cuda.set_rng_state(rng["cuda"][index].cpu())
+
+
+def enable_tf32(device_type: str) -> None:
+    """TF32 tensor cores for the fp32 matmuls left outside autocast (CUDA only)."""
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class Trainer:
+    """Holds one run's model, optimizer, loaders and log; ``run()`` trains to ``max_steps`` or a stop request."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, reporter: Reporter | None, stop: StopRequest) -> None:
+        self.cfg, self.ctx, self.stop = cfg, ctx, stop
+        self.reporter = reporter if ctx.is_main else None
+        self.out = Path(cfg.out)
+
+        check_data(cfg.data)
+        resume = find_resume_checkpoint(cfg, self.say)
+        barrier(ctx)  # every rank has looked at --out before rank 0 writes into it
+        ckpt_path, ckpt = resume if resume else (None, None)
+        if ckpt is not None:
+            check_architecture(ckpt, cfg, ckpt_path)
+        self.model = build_model(cfg, ckpt, ckpt_path).to(ctx.device)
+        model_cfg = self.model.config
+        if cfg.seq_len > model_cfg.block_size:
+            raise UserError(f"{flag('seq_len')} {cfg.seq_len} exceeds the model's block size {model_cfg.block_size}")
+        loader_args = dict(rank=ctx.rank, world_size=ctx.world_size, vocab_size=model_cfg.vocab_size, device=ctx.device)
+        self.loader = TrainLoader(
+            cfg.data, cfg.seq_len, cfg.batch_tokens, cfg.micro_batch, seed=cfg.seed, **loader_args
+        )
+        self.val_loader = None
+        if cfg.eval_every and cfg.val_tokens:
+            self.val_loader = ValLoader(cfg.data, cfg.seq_len, cfg.val_tokens, cfg.micro_batch, **loader_args)
+        self.hellaswag_examples = None
+        if cfg.hellaswag_every:
+            from gpt2.hellaswag import load_examples
+
+            self.hellaswag_examples = load_examples(cfg.hellaswag_data, cfg.hellaswag_limit)
+
+        self.optimizer = self.model.configure_optimizer(
+            cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, ctx.device_type
+        )
+        self.start_step, self.val_loss = 0, None
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.loader.load_state_dict(ckpt["loader"])
+            restore_rng_states(ckpt["rng"], ctx)
+            self.start_step, self.val_loss = int(ckpt["step"]), ckpt.get("val_loss")
+        self.last_checkpoint = ckpt_path
+
+        enable_tf32(ctx.device_type)
+        self.compiled = torch.compile(self.model) if cfg.use_compile(ctx.device_type) else self.model
+        self.train_model = self.compiled
+        if ctx.is_distributed:
+            device_ids = [ctx.local_rank] if ctx.device_type == "cuda" else None
+            self.train_model = DDP(self.compiled, device_ids=device_ids)
+        self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
+        self.peak_flops = device_peak(ctx.device, cfg.peak_flops()) if ctx.is_main else None
+
+        self.log = JsonlLog(self.out / LOG_FILE) if ctx.is_main else None
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dropped = self.log.truncate_to(self.start_step)
+            if dropped:
+                self.say(f"{self.log.path}: dropped {dropped} records after step {self.start_step} (not checkpointed)")
+        self._describe(ckpt_path)
+
+    def say(self, text: str) -> None:
+        if self.reporter is not None:
+            self.reporter.message(text)
+
+    def report(self, rec: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.append(rec)
+        if self.reporter is not None:
+            self.reporter.record(rec)
+
+    def _describe(self, ckpt_path: Path | None) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        where = f"resuming from {ckpt_path} at step {self.start_step}" if ckpt_path else "starting from scratch"
+        if ckpt_path is None and cfg.init_from:
+            where = f"starting from pretrained {cfg.init_from}"
+        peak = f"{self.peak_flops / 1e12:.1f} TFLOP/s" if self.peak_flops else "unknown"
+        self.say(
+            f"{where} | {self.model.num_params() / 1e6:.1f}M parameters | {ctx.world_size} process(es) on "
+            f"{ctx.device_type} | {cfg.batch_tokens:,} tokens/step = {ctx.world_size} x "
+            f"{self.loader.grad_accum_steps} x {cfg.micro_batch} x {cfg.seq_len} | {cfg.dtype} | "
+            f"compile {'on' if self.compiled is not self.model else 'off'} | bf16 peak {peak}"
+        )
+
+    def run(self) -> TrainResult:
+        cfg, step = self.cfg, self.start_step
+        if step >= cfg.max_steps:
+            self.say(f"nothing to do: the run is already at step {step} of --max-steps {cfg.max_steps}")
+            return TrainResult(step, self.val_loss, self.last_checkpoint)
+        while True:
+            last = step == cfg.max_steps
+            if step > self.start_step or step == 0:  # a resumed step's evaluations precede its checkpoint
+                self._evaluate(step, last)
+            stopping = self.stop.reason is not None
+            if step > self.start_step and (last or stopping or (cfg.save_every and step % cfg.save_every == 0)):
+                self._save(step)
+            if last or stopping:
+                break
+            self._train(step)
+            step += 1
+            self._agree_on_stop()
+        if stopping:
+            self.say(
+                f"stopped by {self.stop.reason} after step {step}: {self.last_checkpoint} written; "
+                f"run the same command again to resume"
+            )
+        return TrainResult(step, self.val_loss, self.last_checkpoint, self.stop.reason)
+
+    def _train(self, step: int) -> None:
+        cfg = self.cfg
+        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+        t0 = time.perf_counter()
+        try:
+            stats = train_step(
+                self.train_model,
+                self.optimizer,
+                self.loader.next_batch,
+                grad_accum_steps=self.loader.grad_accum_steps,
+                lr=lr,
+                grad_clip=cfg.grad_clip,
+                ctx=self.ctx,
+                dtype=cfg.dtype,
+            )
+        except NonFiniteLoss as e:
+            kept = (
+                f"the last good checkpoint {self.last_checkpoint} is untouched"
+                if self.last_checkpoint
+                else "no checkpoint written"
+            )
+            raise NonFiniteLoss(f"non-finite {e} at step {step}; stopping ({kept})") from None
+        dt = time.perf_counter() - t0
+        tok_per_s = cfg.batch_tokens / dt
+        self.report(
+            {
+                "step": step,
+                "kind": "train",
+                "loss": stats.loss,
+                "lr": lr,
+                "grad_norm": stats.grad_norm,
+                "tokens": (step + 1) * cfg.batch_tokens,
+                "dt_ms": 1000 * dt,
+                "tok_per_s": tok_per_s,
+                "mfu": mfu(self.flops_per_token, tok_per_s / self.ctx.world_size, self.peak_flops),
+            }
+        )
+
+    def _agree_on_stop(self) -> None:
+        """Under torchrun a signal may reach some ranks only (or a step later): stop together or not at all."""
+        if self.ctx.is_distributed:
+            flag_ = torch.tensor([float(self.stop.reason is not None)], device=self.ctx.device)
+            if all_reduce_sum(flag_, self.ctx).item() > 0 and self.stop.reason is None:
+                self.stop.request("a signal on another rank")
+
+    def _evaluate(self, step: int, last: bool) -> None:
+        cfg, ctx = self.cfg, self.ctx
+
+        def due(every: int) -> bool:
+            return every > 0 and (step % every == 0 or last)
+
+        if self.val_loader is not None and due(cfg.eval_every):
+            self.val_loss = evaluate_loss(self.compiled, self.val_loader, ctx, cfg.dtype)
+            self.report({"step": step, "kind": "val", "loss": self.val_loss})
+        if self.hellaswag_examples is not None and due(cfg.hellaswag_every):
+            from gpt2.hellaswag import evaluate
+
+            result = evaluate(self.compiled, self.hellaswag_examples, ctx, dtype=cfg.dtype)
+            self.report(
+                {"step": step, "kind": "hellaswag", "acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
+            )
+        if ctx.is_main and step > 0 and due(cfg.sample_every):
+            # The plain module, not the compiled one: generation grows the sequence one token at a time.
+            self.model.eval()
+            texts = sample_text(
+                self.model,
+                cfg.sample_prompt,
+                num_samples=cfg.num_samples,
+                max_new_tokens=cfg.max_new_tokens,
+                seed=cfg.seed,
+                device=ctx.device,
+                dtype=cfg.dtype,
+            )
+            self.model.train()
+            self.report({"step": step, "kind": "sample", "text": texts})
+
+    def _save(self, step: int) -> None:
+        rng = gather_rng_states(self.ctx)  # a collective: every rank takes part
+        if self.ctx.is_main:
+            path = checkpoint_path(self.out, step)
+            payload = {
+                **model_payload(self.model, step),
+                "optimizer": self.optimizer.state_dict(),
+                "loader": self.loader.state_dict(),
+                "rng": rng,
+                "train_config": self.cfg.to_dict(),
+                "val_loss": self.val_loss,
+            }
+            save_checkpoint(path, payload)
+            if self.cfg.keep_last:
+                for _, old in find_checkpoints(self.out)[: -self.cfg.keep_last]:
+                    old.unlink()
+        self.last_checkpoint = checkpoint_path(self.out, step)
+        barrier(self.ctx)  # nobody moves on (or exits) before the checkpoint is complete
+
+
+def train(cfg: TrainConfig, reporter: Reporter | None = None, stop: StopRequest | None = None) -> TrainResult:
+    """Train according to ``cfg`` in this process (one rank of a torchrun job, or alone)."""
+    ctx = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, ctx, reporter, stop or StopRequest()).run()
+    finally:
+        destroy_distributed()

@@ -1,0 +1,426 @@
+"""The trainer: DDP equals accumulation, exact resume (also after SIGTERM), learning on real text, compile,
+the LR schedule, MFU, checkpoints, logs and every one-line error of train.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2.checkpoint import find_checkpoints, load_checkpoint
+from gpt2.config import TrainConfig, build_parser, config_from_args
+from gpt2.errors import UserError
+from gpt2.metrics import datasheet_peak, device_peak, mfu
+from gpt2.schedule import lr_at
+from gpt2.tokenizer import EOT_ID, get_encoding
+from gpt2.trainer import NonFiniteLoss, StopRequest, train
+from tests.conftest import ROOT, run_python
+
+# A model that trains at ~100 steps/s on a CPU: 2 layers, 32 wide, a 256-token vocabulary (synthetic data).
+TINY = dict(
+    n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=256, seq_len=32, micro_batch=2, batch_tokens=128,
+    warmup_steps=2, max_steps=20, eval_every=0, val_tokens=1024, sample_every=0, save_every=0,
+    device="cpu", dtype="fp32", compile=False, peak_tflops="none",
+)  # fmt: skip
+
+
+def write_shards(directory: Path, val: np.ndarray, train_parts: list[np.ndarray]) -> Path:
+    """A data directory in the loader's format (val_000000.npy, train_000001.npy, ...)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / "val_000000.npy", val.astype(np.uint16))
+    for i, part in enumerate(train_parts, start=1):
+        np.save(directory / f"train_{i:06d}.npy", part.astype(np.uint16))
+    return directory
+
+
+# On a shared CPU, OpenMP threads spinning against other processes make tiny steps up to 100x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random tokens below 256 with a learnable pattern (every other token repeats the one before it)."""
+    rng = np.random.default_rng(0)
+    tokens = np.repeat(rng.integers(0, 256, 40_000), 2)
+    return write_shards(tmp_path_factory.mktemp("synthetic"), tokens[:8_000], [tokens[8_000:40_000], tokens[40_000:]])
+
+
+def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
+    return TrainConfig(data=str(data), out=str(out), **{**TINY, **overrides})
+
+
+def cli_flags(data: Path, out: Path, **overrides) -> list[str]:
+    """The train.py command line of ``tiny(data, out, **overrides)``."""
+    args = []
+    for name, value in {**TINY, **overrides, "data": data, "out": out}.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+class Capture:
+    """A reporter that keeps what the trainer reports, and can ask it to stop after a given step."""
+
+    def __init__(self, stop: StopRequest | None = None, stop_after: int | None = None) -> None:
+        self.records, self.messages = [], []
+        self.stop, self.stop_after = stop, stop_after
+
+    def record(self, rec: dict) -> None:
+        self.records.append(rec)
+        if self.stop is not None and rec["kind"] == "train" and rec["step"] + 1 == self.stop_after:
+            self.stop.request("test")
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def losses(records: list[dict], kind: str = "train") -> dict[int, float]:
+    steps = [r["step"] for r in records if r["kind"] == kind]
+    assert len(steps) == len(set(steps)), f"duplicate {kind} records: {steps}"
+    return {r["step"]: r["loss"] for r in records if r["kind"] == kind}
+
+
+@pytest.fixture(scope="module")
+def straight(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """Train losses of an uninterrupted 20-step run with validation every 5 steps (the resume reference)."""
+    out = tmp_path_factory.mktemp("straight")
+    train(tiny(synthetic, out, eval_every=5))
+    return read_log(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_min_lr():
+    kw = dict(lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=110)
+    assert lr_at(0, **kw) == pytest.approx(6e-5)  # never zero on the first step
+    assert [lr_at(s, **kw) for s in range(10)] == pytest.approx([6e-4 * (s + 1) / 10 for s in range(10)])
+    assert lr_at(10, **kw) == pytest.approx(6e-4)
+    assert lr_at(60, **kw) == pytest.approx((6e-4 + 6e-5) / 2)  # halfway through the cosine
+    assert lr_at(35, **kw) == pytest.approx(6e-5 + (6e-4 - 6e-5) * (1 + math.cos(math.pi / 4)) / 2)
+    assert lr_at(110, **kw) == lr_at(5000, **kw) == pytest.approx(6e-5)
+    decay = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+
+
+def test_defaults_are_the_gpt2_124m_recipe_and_flags_mirror_the_config():
+    cfg = config_from_args(build_parser().parse_args([]))
+    assert cfg == TrainConfig()
+    expected = dict(
+        model="gpt2", seq_len=1024, micro_batch=64, batch_tokens=524288, max_steps=19073, warmup_steps=715,
+        lr=6e-4, min_lr=6e-5, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0, seed=1337,
+        data="data/fineweb_edu10B", out="runs/gpt2-124m", device="auto", dtype="bf16", eval_every=250,
+        save_every=5000, resume="auto",
+    )  # fmt: skip
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    arch = cfg.model_config()
+    assert (arch.n_layer, arch.n_head, arch.n_embd, arch.vocab_size, arch.padded_vocab_size) == (
+        12,
+        12,
+        768,
+        50257,
+        50304,
+    )
+    assert cfg.use_compile("cuda") and not cfg.use_compile("cpu")
+    args = build_parser().parse_args(["--seq-len", "256", "--micro-batch", "4", "--no-compile", "--n-layer", "3"])
+    cfg = config_from_args(args)
+    assert (cfg.seq_len, cfg.micro_batch, cfg.compile, cfg.n_layer, cfg.model_config().n_layer) == (256, 4, False, 3, 3)
+
+
+def test_mfu_is_flops_per_token_times_throughput_over_peak():
+    assert mfu(6e8, 1e5, 1.2e14) == pytest.approx(0.5)
+    assert mfu(6e8, 1e5, None) is None
+    assert datasheet_peak("cpu") is None
+    assert device_peak("cpu", 3e12) == 3e12 and device_peak("cpu", None) is None
+    assert TrainConfig(peak_tflops="989").peak_flops() == 989e12
+    with pytest.raises(UserError, match="--peak-tflops"):
+        TrainConfig(peak_tflops="fast")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The acceptance criteria
+
+
+def test_ddp_on_two_ranks_equals_gradient_accumulation_in_one_process(synthetic: Path, tmp_path: Path):
+    """torchrun with 1 micro-step per rank vs 1 process with 2 micro-steps: the same global batches and losses."""
+    run = dict(max_steps=6, eval_every=3, val_tokens=1024, micro_batch=2, batch_tokens=128)
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+         *cli_flags(synthetic, tmp_path / "ddp", **run)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD},
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es) on cpu | 128 tokens/step = 2 x 1 x 2 x 32" in ddp.stdout
+    single = Capture()
+    train(tiny(synthetic, tmp_path / "single", **run), single)
+    assert any("1 process(es) on cpu | 128 tokens/step = 1 x 2 x 2 x 32" in m for m in single.messages)
+
+    ddp_log = read_log(tmp_path / "ddp")
+    for kind in ("train", "val"):
+        a, b = losses(ddp_log, kind), losses(single.records, kind)
+        assert sorted(a) == sorted(b) == ([0, 1, 2, 3, 4, 5] if kind == "train" else [0, 3, 6])
+        for step in a:
+            assert a[step] == pytest.approx(b[step], rel=1e-5), (kind, step)
+    assert losses(ddp_log)[5] < losses(ddp_log)[0]  # and it is actually learning
+    # The checkpoint is the same state too (written by rank 0 of the DDP run).
+    w_ddp = load_checkpoint(tmp_path / "ddp" / "ckpt_000006.pt")["model"]
+    w_one = load_checkpoint(tmp_path / "single" / "ckpt_000006.pt")["model"]
+    for name, tensor in w_one.items():
+        torch.testing.assert_close(w_ddp[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(synthetic: Path, tmp_path: Path, straight: list[dict]):
+    stop = StopRequest()
+    first = Capture(stop, stop_after=10)
+    result = train(tiny(synthetic, tmp_path, eval_every=5), first, stop)
+    assert (result.step, result.stopped_by, result.checkpoint) == (10, "test", tmp_path / "ckpt_000010.pt")
+    assert [s for s, _ in find_checkpoints(tmp_path)] == [10]
+    ckpt = load_checkpoint(result.checkpoint)  # weights_only=True
+    assert ckpt["step"] == 10 and ckpt["loader"]["step"] == 10
+    assert ckpt["val_loss"] == losses(straight, "val")[10]
+    assert ckpt["train_config"]["max_steps"] == 20 and ckpt["config"]["vocab_size"] == 256
+    assert {"optimizer", "rng"} <= ckpt.keys()
+
+    second = Capture()
+    result = train(tiny(synthetic, tmp_path, eval_every=5), second)
+    assert result.step == 20 and result.stopped_by is None
+    assert any(f"resuming from {tmp_path / 'ckpt_000010.pt'} at step 10" in m for m in second.messages)
+    assert min(losses(second.records)) == 10  # nothing before the checkpoint is redone
+    resumed_log = read_log(tmp_path)  # the same log, appended to: each step exactly once
+    for kind in ("train", "val"):
+        assert losses(resumed_log, kind) == losses(straight, kind)  # exact equality, fp32 on CPU
+    grad_norms = {r["step"]: r["grad_norm"] for r in resumed_log if r["kind"] == "train"}
+    assert grad_norms == {r["step"]: r["grad_norm"] for r in straight if r["kind"] == "train"}
+
+
+def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(synthetic: Path, tmp_path: Path):
+    """Steps made slower (8 micro-steps) so the signal lands mid-run; the result equals an uninterrupted run."""
+    run = dict(max_steps=200, batch_tokens=512, save_every=1000)
+    command = [sys.executable, "train.py", *cli_flags(synthetic, tmp_path / "run", **run)]
+    env = {**os.environ, **ONE_THREAD}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step      2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM after step" in stdout and "run the same command again to resume" in stdout
+    (stopped_at, path), = find_checkpoints(tmp_path / "run")  # fmt: skip
+    assert 3 <= stopped_at < 200 and load_checkpoint(path)["step"] == stopped_at
+    assert len(losses(read_log(tmp_path / "run"))) == stopped_at
+
+    resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {path} at step {stopped_at}" in resumed.stdout
+    train(tiny(synthetic, tmp_path / "straight", **run))
+    assert losses(read_log(tmp_path / "run")) == losses(read_log(tmp_path / "straight"))
+
+
+REAL_VOCAB = 1024
+
+
+@pytest.fixture(scope="module")
+def real_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded C4 sample tokenized as prepare_fineweb.py does ([EOT] + GPT-2 tokens per document), with ids
+    renumbered by frequency into a 1024-token vocabulary (the rarest share the last id) so that a tiny model's
+    output layer is cheap: the text and its tokenization stay real."""
+    enc = get_encoding()
+    docs = [json.loads(line)["text"] for line in (ROOT / "data" / "sample" / "c4.jsonl").read_text().splitlines()]
+    tokens = np.concatenate([np.array([EOT_ID, *enc.encode_ordinary(doc)]) for doc in docs])
+    ids, counts = np.unique(tokens, return_counts=True)
+    by_frequency = ids[np.argsort(-counts, kind="stable")][: REAL_VOCAB - 1]
+    renumber = np.full(enc.n_vocab, REAL_VOCAB - 1)
+    renumber[by_frequency] = np.arange(len(by_frequency))
+    tokens = renumber[tokens]
+    return write_shards(tmp_path_factory.mktemp("c4"), tokens[:4096], [tokens[4096:]])
+
+
+def test_loss_on_real_text_falls_well_below_its_start(real_text: Path, tmp_path: Path):
+    cap = Capture()
+    cfg = tiny(real_text, tmp_path, vocab_size=REAL_VOCAB, n_embd=64, micro_batch=8, batch_tokens=256,
+               max_steps=200, warmup_steps=10, lr=3e-3, min_lr=3e-4, eval_every=100, val_tokens=4000)  # fmt: skip
+    train(cfg, cap)
+    val = losses(cap.records, "val")
+    assert val[0] == pytest.approx(math.log(REAL_VOCAB), abs=0.1)  # a fresh model is close to uniform
+    assert val[200] < val[0] - 1.5, val  # held-out text: 6.9 -> about 4.9
+    train_losses = list(losses(cap.records).values())
+    assert np.mean(train_losses[-20:]) < np.mean(train_losses[:5]) - 1.5
+
+
+def test_compiled_run_trains_evaluates_and_samples(synthetic: Path, tmp_path: Path):
+    """torch.compile on: training, validation through the compiled model, sampling through the plain one."""
+    cap = Capture()
+    cfg = tiny(synthetic, tmp_path, compile=True, max_steps=3, eval_every=3, val_tokens=256, sample_every=3,
+               num_samples=2, max_new_tokens=4, vocab_size=50257)  # fmt: skip
+    train(cfg, cap)
+    assert sorted(losses(cap.records)) == [0, 1, 2] and sorted(losses(cap.records, "val")) == [0, 3]
+    assert any("compile on" in m for m in cap.messages)
+    (sample,) = [r for r in cap.records if r["kind"] == "sample"]
+    assert sample["step"] == 3 and len(sample["text"]) == 2
+    assert all(
+        t.startswith(TrainConfig.sample_prompt) and len(t) > len(TrainConfig.sample_prompt) for t in sample["text"]
+    )
+    eager = Capture()
+    train(tiny(synthetic, tmp_path / "eager", max_steps=3, eval_every=3, val_tokens=256, vocab_size=50257), eager)
+    for step, loss in losses(eager.records).items():
+        assert losses(cap.records)[step] == pytest.approx(loss, rel=1e-4)
+    assert losses(cap.records, "val")[3] == pytest.approx(losses(eager.records, "val")[3], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logs and checkpoints
+
+
+def test_log_records_and_checkpoints_keep_last(synthetic: Path, tmp_path: Path):
+    cap = Capture()
+    train(tiny(synthetic, tmp_path, max_steps=6, save_every=2, keep_last=2, eval_every=3, val_tokens=256), cap)
+    assert [s for s, _ in find_checkpoints(tmp_path)] == [4, 6]
+    log = read_log(tmp_path)
+    assert log == cap.records
+    train_rec = [r for r in log if r["kind"] == "train"]
+    assert [r["step"] for r in train_rec] == list(range(6))
+    assert set(train_rec[0]) == {"step", "kind", "loss", "lr", "grad_norm", "tokens", "dt_ms", "tok_per_s", "mfu"}
+    assert [r["tokens"] for r in train_rec] == [128 * (s + 1) for s in range(6)]
+    assert [r["lr"] for r in train_rec] == [
+        lr_at(s, lr=6e-4, min_lr=6e-5, warmup_steps=2, max_steps=6) for s in range(6)
+    ]
+    assert all(r["tok_per_s"] == pytest.approx(128 / (r["dt_ms"] / 1000)) and r["mfu"] is None for r in train_rec)
+    assert [(r["step"], set(r)) for r in log if r["kind"] == "val"] == [
+        (s, {"step", "kind", "loss"}) for s in (0, 3, 6)
+    ]
+
+    # A measured (here: given) peak turns into MFU = flops/token x tokens/s / peak.
+    cap = Capture()
+    train(tiny(synthetic, tmp_path / "mfu", max_steps=1, warmup_steps=1, peak_tflops="0.001"), cap)
+    (rec,) = cap.records
+    from gpt2.model import GPT
+
+    flops = GPT(tiny(synthetic, tmp_path).model_config()).flops_per_token(32)
+    assert rec["mfu"] == pytest.approx(flops * rec["tok_per_s"] / 1e9)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(synthetic: Path, tmp_path: Path):
+    train(tiny(synthetic, tmp_path, max_steps=4, save_every=2))
+    newest = tmp_path / "ckpt_000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a torn write from a crashed copy
+    cap = Capture()
+    result = train(tiny(synthetic, tmp_path, max_steps=6, save_every=2), cap)
+    assert any("ckpt_000004.pt cannot be loaded" in m and "falling back" in m for m in cap.messages)
+    assert any("resuming from" in m and "ckpt_000002.pt at step 2" in m for m in cap.messages)
+    assert any("dropped 2 records after step 2" in m for m in cap.messages)
+    assert result.step == 6 and load_checkpoint(newest)["step"] == 4  # rewritten, whole
+    assert sorted(losses(read_log(tmp_path))) == list(range(6))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(synthetic: Path, tmp_path: Path):
+    train(tiny(synthetic, tmp_path, max_steps=4, save_every=2))
+    before = (tmp_path / "ckpt_000004.pt").read_bytes()
+    # An absurd learning rate from step 4 on blows the weights up; the next forward overflows.
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss .* at step 5; stopping \(the last good checkpoint .*"
+                       r"ckpt_000004.pt is untouched\)"):  # fmt: skip
+        train(tiny(synthetic, tmp_path, max_steps=8, save_every=2, lr=1e30, min_lr=1e30))
+    assert [s for s, _ in find_checkpoints(tmp_path)] == [4]
+    assert (tmp_path / "ckpt_000004.pt").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One-line errors
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_data_directory_is_one_line_pointing_at_prepare_fineweb(tmp_path: Path):
+    proc = run_python("train.py", *cli_flags(tmp_path / "nowhere", tmp_path / "out"), env=ONE_THREAD)
+    assert_one_line_error(proc, "nowhere", "does not exist", "prepare_fineweb.py")
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_gpt2_offline_is_one_line(synthetic: Path, tmp_path: Path):
+    arch = ["--n-layer", "--n-head", "--n-embd", "--block-size", "--vocab-size"]  # --init-from brings its own
+    flags = strip_flags(cli_flags(synthetic, tmp_path / "out", max_steps=1), arch)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), **ONE_THREAD}
+    proc = run_python("train.py", *flags, "--init-from", "gpt2", env=env)
+    assert_one_line_error(proc, "cannot download 'gpt2'")
+
+
+def strip_flags(args: list[str], names: list[str]) -> list[str]:
+    """``args`` without the given flags and their values."""
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        else:
+            kept.append(a)
+    return kept
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(seq_len=128), "--seq-len 128 exceeds the model's block size 64"),
+        (dict(batch_tokens=100), "--batch-tokens 100 must be a multiple of --seq-len 32 x --micro-batch 2"),
+        (dict(micro_batch=3), "--batch-tokens 128 must be a multiple of --seq-len 32 x --micro-batch 3"),
+        (dict(warmup_steps=30), "--warmup-steps 30 exceeds --max-steps 20"),
+        (dict(resume="never_written.pt"), "never_written.pt does not exist"),
+    ],
+)
+def test_bad_settings_are_clear_errors(synthetic: Path, tmp_path: Path, overrides: dict, message: str):
+    with pytest.raises(UserError, match=re.escape(message)):
+        train(tiny(synthetic, tmp_path / "out", **overrides))
+    assert find_checkpoints(tmp_path / "out") == []
+
+
+def test_empty_data_directory_is_a_clear_error(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"no train shards .* run prepare_fineweb.py"):
+        train(tiny(tmp_path / "empty", tmp_path / "out"))
+
+
+def test_out_of_another_architecture_is_refused(synthetic: Path, tmp_path: Path):
+    train(tiny(synthetic, tmp_path, max_steps=2))
+    with pytest.raises(
+        UserError, match=r"ckpt_000002.pt is a checkpoint of a different architecture \(n_embd 32 vs 64"
+    ):
+        train(tiny(synthetic, tmp_path, max_steps=4, n_embd=64))
+    assert [s for s, _ in find_checkpoints(tmp_path)] == [2]
+
+
+def test_resume_never_refuses_a_non_empty_out(synthetic: Path, tmp_path: Path):
+    train(tiny(synthetic, tmp_path, max_steps=2))
+    with pytest.raises(UserError, match="is not empty and --resume is never"):
+        train(tiny(synthetic, tmp_path, max_steps=4, resume="never"))
+    assert len(read_log(tmp_path)) == 2

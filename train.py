@@ -1,0 +1,31 @@
+"""Pretrain GPT-2 on token shards: ``python train.py`` (one process) or ``torchrun --nproc_per_node=N train.py``.
+
+The defaults reproduce GPT-2 124M on FineWeb-Edu 10B (GPT-3 paper recipe, 19073 steps of 524288 tokens).
+Relaunching the same command resumes from the newest checkpoint in --out; SIGTERM or Ctrl-C finishes the
+current step, writes a checkpoint and exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
+Multi-node: ``torchrun --nnodes=2 --node_rank=K --nproc_per_node=8 --rdzv_backend=c10d
+--rdzv_endpoint=HOST:29500 train.py ...`` on every node.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from gpt2.config import build_parser, config_from_args
+from gpt2.errors import run_cli
+from gpt2.runlog import ConsoleReporter
+from gpt2.trainer import StopRequest, train
+
+
+def main() -> None:
+    cfg = config_from_args(build_parser(description=__doc__).parse_args())
+    stop = StopRequest()
+    with stop.catch_signals():
+        result = train(cfg, ConsoleReporter(cfg.max_steps, sys.stdout), stop)
+    if result.stopped_by in signal.Signals.__members__:
+        sys.exit(128 + signal.Signals[result.stopped_by].value)
+
+
+if __name__ == "__main__":
+    run_cli(main)
