@@ -67,7 +67,7 @@ class PrepareConfig:
     max_tokens: int | None = None
     skip_bad: bool = False
     overwrite: bool = False
-    batch_chars: int = 1 << 22  # characters of text per batch handed to a worker
+    batch_chars: int = 1 << 20  # characters of text (jsonl: bytes) per unit of work handed to a worker
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -111,6 +111,23 @@ class BadRecord:
 Record = str | BadRecord
 
 
+class _Bad(Exception):
+    """Why a record cannot be a document; the caller knows where it is."""
+
+
+@dataclass(frozen=True)
+class JsonLines:
+    """Whole lines of a jsonl file, parsed in a worker: the parent only cuts the file at line ends."""
+
+    path: str
+    first_line: int  # the line number of the first line of ``data``
+    data: bytes
+    text_field: str
+
+
+Unit = list[Record] | JsonLines  # the work handed to a worker at a time
+
+
 @dataclass(frozen=True)
 class Progress:
     """Reported after every batch: tokens written so far and the fraction of the job done (None: unknown)."""
@@ -147,9 +164,12 @@ class FileSource:
         total = sum(self.sizes)
         return (self._bytes_done + self._file_fraction * self.sizes[self._index]) / total if total else None
 
-    def records(self, start: int) -> Iterator[Record]:
-        """Every record in order, from record index ``start`` (earlier records are skipped, not parsed)."""
-        skip = start
+    def units(self, start: int, batch_chars: int) -> Iterator[Unit]:
+        """The records from record index ``start`` on, in units of about ``batch_chars`` characters."""
+        return _grouped(self._items(start, batch_chars), batch_chars)
+
+    def _items(self, start: int, batch_chars: int) -> Iterator[Record | JsonLines]:
+        skip = start  # records before ``start`` are skipped, not parsed: whole files by their record count
         for index, path in enumerate(self.paths):
             self._index = index
             kind = _kind(path)
@@ -160,26 +180,27 @@ class FileSource:
                     skip -= n
                     self._bytes_done += self.sizes[self._index]
                     continue
-            reader = {"parquet": self._parquet, "jsonl": self._jsonl, "txt": self._txt}[kind]
-            yield from reader(path, skip)
+            if kind == "jsonl":
+                yield from self._jsonl(path, skip, batch_chars)
+            else:
+                yield from (self._parquet if kind == "parquet" else self._txt)(path, skip)
             skip = 0
             self._bytes_done += self.sizes[self._index]
 
-    def _jsonl(self, path: Path, skip: int) -> Iterator[Record]:
+    def _jsonl(self, path: Path, skip: int, batch_chars: int) -> Iterator[JsonLines]:
         with open(path, "rb") as raw:
-            lines = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
+            f = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
             size = max(self.sizes[self._index], 1)
-            seen = 0
+            lineno = 1
             try:
-                for lineno, line in enumerate(lines, 1):
-                    if line.isspace():
-                        continue
-                    seen += 1
-                    if seen <= skip:
-                        continue
-                    if seen % 256 == 0:
-                        self._file_fraction = raw.tell() / size
-                    yield _parse_json_record(line, self.text_field, f"{path}:{lineno}")
+                while skip and (line := f.readline()):  # resuming: skip records (non-blank lines) one by one
+                    lineno += 1
+                    skip -= not line.isspace()
+                while data := f.read(batch_chars):
+                    data += f.readline()  # cut at a line end
+                    yield JsonLines(str(path), lineno, data, self.text_field)
+                    lineno += data.count(b"\n")
+                    self._file_fraction = raw.tell() / size
             except (OSError, EOFError, zlib.error) as e:
                 raise UserError(f"{path}: cannot read ({e})") from e
 
@@ -192,16 +213,18 @@ class FileSource:
         total = max(pf.metadata.num_rows, 1)
         groups = range(group, pf.num_row_groups)
         for batch in pf.iter_batches(batch_size=8192, columns=[self.text_field], row_groups=groups):
-            for value in batch.column(0).to_pylist():
-                if skip:
-                    skip -= 1
-                else:
-                    yield _text_value(value, self.text_field, f"{path}: row {row}")
+            drop = min(skip, batch.num_rows)
+            skip, row = skip - drop, row + drop
+            for value in batch.column(0).slice(drop).to_pylist():
+                try:
+                    yield _text(value, self.text_field)
+                except _Bad as e:
+                    yield BadRecord(f"{path}: row {row}", str(e))
                 row += 1
             self._file_fraction = row / total
 
     def _txt(self, path: Path, skip: int) -> Iterator[Record]:
-        assert skip == 0, "records() skips whole .txt files"
+        assert skip == 0, "_items() skips whole .txt files"
         data = path.read_bytes()
         try:
             yield data.decode("utf-8")
@@ -226,16 +249,22 @@ class HubSource:
     def progress(self) -> float | None:
         return self._read / self._total if self._total else None
 
-    def records(self, start: int) -> Iterator[Record]:
+    def units(self, start: int, batch_chars: int) -> Iterator[Unit]:
+        """The records from record index ``start`` on, in units of about ``batch_chars`` characters."""
+        return _grouped(self._records(start), batch_chars)
+
+    def _records(self, start: int) -> Iterator[Record]:
         stream = self._open().select_columns([self.text_field]).skip(start)
         self._read = start
-        where = f"{self.dataset}"
         try:
             for row in stream:
-                yield _text_value(row[self.text_field], self.text_field, f"{where}: row {self._read}")
+                try:
+                    yield _text(row[self.text_field], self.text_field)
+                except _Bad as e:
+                    yield BadRecord(f"{self.dataset}: row {self._read}", str(e))
                 self._read += 1
         except _network_errors() as e:
-            raise UserError(f"lost the stream of {where} ({e}); re-run the same command to resume") from e
+            raise UserError(f"lost the stream of {self.dataset} ({e}); re-run the same command to resume") from e
 
     def _open(self):
         hint = "download its parquet files and pass them with --input"
@@ -347,81 +376,84 @@ def _open_parquet(path: Path, text_field: str):
     return pf
 
 
-def _parse_json_record(line: bytes, text_field: str, where: str) -> Record:
+def _json_text(line: bytes, text_field: str) -> str:
+    """The text of one jsonl line; ``_Bad`` says why there is none."""
     try:
-        text = line.decode("utf-8")
+        obj = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as e:
-        return BadRecord(where, f"invalid UTF-8 at byte {e.start} of the line")
-    try:
-        obj = json.loads(text)
+        raise _Bad(f"invalid UTF-8 at byte {e.start} of the line") from None
     except json.JSONDecodeError as e:
-        return BadRecord(where, f"malformed JSON ({e.msg} at column {e.colno})")
+        raise _Bad(f"malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
-        return BadRecord(where, f"expected a JSON object, got {type(obj).__name__}")
+        raise _Bad(f"expected a JSON object, got {type(obj).__name__}")
     if text_field not in obj:
-        return BadRecord(where, f"no field {text_field!r} (fields: {', '.join(obj)}); choose one with --text-field")
-    return _text_value(obj[text_field], text_field, where)
+        raise _Bad(f"no field {text_field!r} (fields: {', '.join(obj)}); choose one with --text-field")
+    return _text(obj[text_field], text_field)
 
 
-def _text_value(value: object, text_field: str, where: str) -> Record:
+def _text(value: object, text_field: str) -> str:
+    """A column or field value as text: a string, or UTF-8 bytes."""
     if isinstance(value, str):
         return value
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError as e:
-            return BadRecord(where, f"invalid UTF-8 at byte {e.start} of {text_field!r}")
+            raise _Bad(f"invalid UTF-8 at byte {e.start} of {text_field!r}") from None
     kind = "null" if value is None else type(value).__name__
-    return BadRecord(where, f"{text_field!r} is {kind}, expected a string")
+    raise _Bad(f"{text_field!r} is {kind}, expected a string")
+
+
+def _grouped(items: Iterator[Record | JsonLines], batch_chars: int) -> Iterator[Unit]:
+    """Records gathered into lists of about ``batch_chars`` characters; jsonl chunks pass through as they are."""
+    group: list[Record] = []
+    chars = 0
+    for item in items:
+        if isinstance(item, JsonLines):
+            if group:
+                yield group
+                group, chars = [], 0
+            yield item
+            continue
+        group.append(item)
+        chars += len(item) if isinstance(item, str) else 0
+        if chars >= batch_chars:
+            yield group
+            group, chars = [], 0
+    if group:
+        yield group
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokenization: batches of documents, in order, tokenized in worker processes.
 
 
-@dataclass
-class _Batch:
-    texts: list[str]
-    records: list[int]  # the record index of each text
-    bad_records: list[int]  # records skipped as bad (--skip-bad) inside this batch
-    docs_read: int  # records read up to the end of this batch
-    docs_before: int  # documents tokenized before this batch
-    bad_before: int  # bad records skipped before this batch
-
-    @property
-    def docs_after(self) -> int:
-        return self.docs_before + len(self.texts)
-
-    @property
-    def skipped_bad(self) -> int:
-        return self.bad_before + len(self.bad_records)
+DOC, EMPTY, BAD = 0, 1, 2  # what each record of a unit turned out to be
 
 
-def _batches(records: Iterator[Record], start: Position, cfg: PrepareConfig) -> Iterator[_Batch]:
-    """Group records into batches of about ``batch_chars`` characters; drop empty and (with --skip-bad) bad ones."""
-    index, bad = start.docs_read, start.docs_skipped_bad
-    docs = start.docs_read - start.docs_skipped_empty - start.docs_skipped_bad
-    batch = _Batch([], [], [], index, docs, bad)
-    chars = 0
-    for record in records:
-        if docs == cfg.max_docs:
-            break
-        if isinstance(record, BadRecord):
-            if not cfg.skip_bad:
-                raise UserError(f"{record.where}: {record.why} (--skip-bad skips such documents)")
-            batch.bad_records.append(index)
-            bad += 1
-        elif record and not record.isspace():
-            batch.texts.append(record)
-            batch.records.append(index)
-            chars += len(record)
-            docs += 1
-        index += 1
-        batch.docs_read = index
-        if chars >= cfg.batch_chars:
-            yield batch
-            batch, chars = _Batch([], [], [], index, docs, bad), 0
-    yield batch  # possibly without texts: it still carries the final counts
+def tokenize_unit(unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[BadRecord]]:
+    """A worker's job: parse a unit's records, then tokenize its documents (``tokenize_documents``).
+
+    Returns the tokens, each document's length, each record's kind (DOC, EMPTY or BAD) and the bad records.
+    """
+    records = _records_of(unit)
+    kinds = np.array([BAD if isinstance(r, BadRecord) else EMPTY if not r or r.isspace() else DOC for r in records],
+                     dtype=np.int8)  # fmt: skip
+    tokens, lengths = tokenize_documents([r for r, kind in zip(records, kinds) if kind == DOC])
+    return tokens, lengths, kinds, [r for r in records if isinstance(r, BadRecord)]
+
+
+def _records_of(unit: Unit) -> list[Record]:
+    if not isinstance(unit, JsonLines):
+        return unit
+    records: list[Record] = []
+    for i, line in enumerate(unit.data.split(b"\n")):
+        if line and not line.isspace():  # blank lines are not records
+            try:
+                records.append(_json_text(line, unit.text_field))
+            except _Bad as e:
+                records.append(BadRecord(f"{unit.path}:{unit.first_line + i}", str(e)))
+    return records
 
 
 def tokenize_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -457,25 +489,22 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _tokenized(batches: Iterator[_Batch], workers: int) -> Iterator[tuple[_Batch, np.ndarray, np.ndarray]]:
-    """Each batch with its tokens and document lengths, in input order; at most 2 batches per worker in flight."""
+def _tokenized(units: Iterator[Unit], workers: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, list]]:
+    """``tokenize_unit`` of each unit, in input order; at most 2 units per worker in flight."""
     get_encoding()  # built once here: forked workers inherit it
     if workers == 1:
-        for batch in batches:
-            yield batch, *tokenize_documents(batch.texts)
+        yield from map(tokenize_unit, units)
         return
     # fork where the platform has it: workers start at once and share the parent's imports and encoding.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with mp.get_context(method).Pool(workers, initializer=_ignore_sigint) as pool:
-        pending: deque[tuple[_Batch, Any]] = deque()
-        for batch in batches:
-            pending.append((batch, pool.apply_async(tokenize_documents, (batch.texts,))))
+        pending: deque[Any] = deque()
+        for unit in units:
+            pending.append(pool.apply_async(tokenize_unit, (unit,)))
             if len(pending) >= 2 * workers:
-                done, result = pending.popleft()
-                yield done, *result.get()
+                yield pending.popleft().get()
         while pending:
-            done, result = pending.popleft()
-            yield done, *result.get()
+            yield pending.popleft().get()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -582,6 +611,25 @@ def _verify_shards(out: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any],
             _write_manifest(out, manifest)
             return manifest, start
     return manifest, Position(**manifest["next"])
+
+
+@dataclass
+class _Batch:
+    """One unit's place in the input: the record index of each document and of each bad record, and counts."""
+
+    records: list[int]
+    bad_records: list[int]
+    docs_read: int  # records read up to the end of this batch
+    docs_before: int  # documents tokenized before this batch
+    bad_before: int  # bad records skipped before this batch
+
+    @property
+    def docs_after(self) -> int:
+        return self.docs_before + len(self.records)
+
+    @property
+    def skipped_bad(self) -> int:
+        return self.bad_before + len(self.bad_records)
 
 
 def _position(batch: _Batch, lengths: np.ndarray, ends: np.ndarray, taken: int, tokens: int) -> Position:
@@ -701,18 +749,34 @@ def _tokenize_into(
     """Tokenize the input from ``start`` into ``writer``; returns the final position (the counts of the run)."""
     if start.tokens == cfg.max_tokens:  # killed after the last shard, before the manifest said complete
         return start.through_document()
-    stream = _tokenized(_batches(source.records(start.docs_read), start, cfg), cfg.workers)
+    batch = _Batch([], [], start.docs_read, start.docs_read - start.docs_skipped_empty - start.docs_skipped_bad,
+                   start.docs_skipped_bad)  # fmt: skip
+    stream = _tokenized(source.units(start.docs_read, cfg.batch_chars), cfg.workers)
     try:
-        for batch, tokens, lengths in stream:
+        for tokens, lengths, kinds, bad in stream:
+            if bad and not cfg.skip_bad:
+                raise UserError(f"{bad[0].where}: {bad[0].why} (--skip-bad skips such documents)")
+            docs = np.flatnonzero(kinds == DOC)
+            last_unit = cfg.max_docs is not None and batch.docs_after + len(docs) >= cfg.max_docs
+            if last_unit:  # keep the records up to the last document allowed
+                docs = docs[: cfg.max_docs - batch.docs_after]
+                kinds = kinds[: docs[-1] + 1 if len(docs) else 0]
+                lengths = lengths[: len(docs)]
+                tokens = tokens[: lengths.sum()]
+            first = batch.docs_read
+            batch = _Batch((first + docs).tolist(), (first + np.flatnonzero(kinds == BAD)).tolist(),
+                           first + len(kinds), batch.docs_after, batch.skipped_bad)  # fmt: skip
             final = writer.add(batch, tokens, lengths)
             if final is not None:
                 return final
             if on_progress is not None:
                 fraction = _fraction(cfg, writer.tokens, batch.docs_after, source.progress())
                 on_progress(Progress(writer.tokens, fraction))
+            if last_unit:
+                break
     finally:
-        stream.close()  # stops the workers at once where --max-tokens cut the input short
-    # the input ran out (or --max-docs): every record read counts; _batches always yields a last batch
+        stream.close()  # stops the workers at once where --max-tokens or --max-docs cut the input short
+    # the input ran out (or --max-docs): every record read counts
     skipped_empty = batch.docs_read - batch.docs_after - batch.skipped_bad
     return Position(batch.docs_read, 0, skipped_empty, batch.skipped_bad, writer.tokens)
 
