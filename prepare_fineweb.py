@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                      help="tokenizer processes (default: all cores, here %(default)s)")  # fmt: skip
     run.add_argument("--batch-chars", type=int, default=d.batch_chars,
-                     help=f"characters of text per batch handed to a worker (default {d.batch_chars:,})")  # fmt: skip
+                     help=f"characters (jsonl: bytes) per unit of work (default {d.batch_chars:,})")  # fmt: skip
     return p.parse_args(argv)
 
 

@@ -5,9 +5,10 @@ Output, in one directory: ``val_000000.npy`` (the validation split, ``val_tokens
 a 1-D uint16 array written with ``np.save``, plus ``manifest.json``. Every non-empty document becomes
 ``[EOT] + encode_ordinary(text)``; concatenating the shards in index order gives the documents in input order.
 
-How it runs: the parent reads documents in order (a streamed Hugging Face dataset or local parquet/jsonl/txt
-files), hands batches of a few MB of text to ``workers`` processes that each return one uint16 array, and
-copies those arrays into a shard buffer. A full shard is written atomically in a background thread, then the
+How it runs: the parent reads the input in order (a streamed Hugging Face dataset or local parquet/jsonl/txt
+files) and hands units of about 1 MB (a list of texts, or raw jsonl lines that the worker parses) to
+``workers`` processes; each returns one uint16 array and the kind of each record (document, empty, bad), and
+the parent copies the arrays into a shard buffer. A full shard is written atomically in a background thread, then the
 manifest is rewritten atomically with the shard's sha256 and the input position where the next shard starts
 (documents read so far + tokens of the straddling document already written). A re-run of the same command
 verifies the finished shards, skips the documents already consumed without tokenizing them, and continues:
@@ -425,7 +426,7 @@ def _grouped(items: Iterator[Record | JsonLines], batch_chars: int) -> Iterator[
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tokenization: batches of documents, in order, tokenized in worker processes.
+# Tokenization: units of records, in order, parsed and tokenized in worker processes.
 
 
 DOC, EMPTY, BAD = 0, 1, 2  # what each record of a unit turned out to be
@@ -602,6 +603,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 def _verify_shards(out: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], Position]:
     """Check every finished shard's sha256; resume from the first one that is missing or damaged."""
+    if manifest["shards"]:
+        log.info("checking the sha256 of %d finished shards in %s", len(manifest["shards"]), out)
     for i, shard in enumerate(manifest["shards"]):
         path = out / shard_name(i)
         if shard["file"] != path.name or not path.is_file() or file_sha256(path) != shard["sha256"]:
