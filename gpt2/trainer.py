@@ -38,10 +38,11 @@ from gpt2.data import PAD_TARGET, TrainLoader, ValLoader, list_shards
 from gpt2.distributed import DistContext, all_reduce_sum, autocast, barrier, destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.metrics import device_peak, mfu
-from gpt2.model import GPT
+from gpt2.model import GPT, GPTConfig
 from gpt2.runlog import JsonlLog, Reporter
 from gpt2.sample import sample_text
 from gpt2.schedule import lr_at
+from gpt2.tokenizer import get_encoding
 
 LOG_FILE = "log.jsonl"
 TRAINING_STATE = ("optimizer", "loader", "rng", "train_config")
@@ -266,6 +267,18 @@ def restore_rng_states(rng: dict[str, list[torch.Tensor] | None], ctx: DistConte
         torch.cuda.set_rng_state(rng["cuda"][index].cpu())
 
 
+def check_sampling(cfg: TrainConfig, config: GPTConfig) -> None:
+    """Refuse at the start, not hours in, a sample prompt the model cannot read or continue."""
+    ids = get_encoding().encode_ordinary(cfg.sample_prompt)
+    if not ids or max(ids) >= config.vocab_size:
+        raise UserError(f"--sample-prompt {cfg.sample_prompt!r} has token ids outside the model's vocabulary")
+    if len(ids) + cfg.max_new_tokens > config.block_size:
+        raise UserError(
+            f"--sample-prompt ({len(ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds the model's "
+            f"block size {config.block_size}"
+        )
+
+
 def enable_tf32(device_type: str) -> None:
     """TF32 tensor cores for the fp32 matmuls left outside autocast (CUDA only)."""
     if device_type == "cuda":
@@ -295,6 +308,8 @@ class Trainer:
         model_cfg = self.model.config
         if cfg.seq_len > model_cfg.block_size:
             raise UserError(f"{flag('seq_len')} {cfg.seq_len} exceeds the model's block size {model_cfg.block_size}")
+        if cfg.sample_every:
+            check_sampling(cfg, model_cfg)
         loader_args = dict(rank=ctx.rank, world_size=ctx.world_size, vocab_size=model_cfg.vocab_size, device=ctx.device)
         self.loader = TrainLoader(
             cfg.data, cfg.seq_len, cfg.batch_tokens, cfg.micro_batch, seed=cfg.seed, **loader_args
