@@ -125,9 +125,9 @@ def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
         raise UserError(f"--limit must be a positive number of examples, got {limit}")
     examples = []
     for lineno, record in read_jsonl(path):
-        if limit is not None and len(examples) == limit:
-            break
         examples.append(_parse_example(record, f"{path}:{lineno}"))
+        if len(examples) == limit:
+            break
     if not examples:
         raise UserError(f"{path} holds no examples")
     return examples
@@ -249,20 +249,19 @@ class EndingScorer(nn.Module):
     """Per-token cross-entropy of the ending tokens of packed rows (see the module docstring).
 
     Wraps the plain ``GPT`` and reuses its weights; the blocks run with a mask instead of plain causal
-    attention so that the four endings share one copy of their context.
+    attention so that the four endings share one copy of their context. ``compile`` compiles the trunk
+    (embeddings, blocks, final LayerNorm) with dynamic shapes; the LM head runs eagerly in chunks.
     """
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, compile: bool = False) -> None:
         super().__init__()
         self.model = model
+        self._hidden = torch.compile(self.hidden, dynamic=True) if compile else self.hidden
 
-    def forward(
-        self, idx: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor
-    ) -> torch.Tensor:
-        """``idx, pos, seg``: (B, T) tokens, positions, segments (-1 for padding); ``src``: flat indices into
-        (B*T) of the positions that predict ``tgt``. Returns the fp32 loss of each target token."""
-        tr, cfg = self.model.transformer, self.model.config
-        B, T = idx.shape
+    def hidden(self, idx: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, C) of tokens ``idx`` at positions ``pos`` in segments ``seg`` (B, T)."""
+        tr = self.model.transformer
+        T = idx.size(1)
         causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
         key_seg, query_seg = seg.unsqueeze(1), seg.unsqueeze(2)
         # A query sees earlier keys of the shared context (segment 0) or of its own segment.
@@ -271,9 +270,23 @@ class EndingScorer(nn.Module):
         for block in tr.h:
             x = x + self._attention(block.attn, block.ln_1(x), mask)
             x = x + block.mlp(block.ln_2(x))
-        h = tr.ln_f(x).flatten(0, 1)[src]
-        logits = self.model.lm_head(h)[:, : cfg.vocab_size]
-        return F.cross_entropy(logits.float(), tgt, reduction="none")
+        return tr.ln_f(x)
+
+    def forward(
+        self, idx: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor
+    ) -> torch.Tensor:
+        """``idx, pos, seg``: (B, T) tokens, positions, segments (-1 for padding); ``src``: flat indices into
+        (B*T) of the positions that predict ``tgt``. Returns the fp32 loss of each target token."""
+        cfg = self.model.config
+        h = self._hidden(idx, pos, seg).flatten(0, 1)[src]
+        # Each chunk streams the (vocab, C) head weight once and writes chunk x vocab logits: about C rows
+        # balances the two, and at least 64 rows keeps a small model's logits in cache.
+        chunk = max(64, cfg.n_embd)
+        losses = [
+            F.cross_entropy(self.model.lm_head(h_part)[:, : cfg.vocab_size].float(), tgt_part, reduction="none")
+            for h_part, tgt_part in zip(h.split(chunk), tgt.split(chunk))
+        ]
+        return torch.cat(losses)
 
     @staticmethod
     def _attention(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -324,7 +337,7 @@ def _batches(rows: list[_Packed], batch_size: int) -> Iterator[list[int]]:
 
 @torch.no_grad()
 def score_examples(
-    scorer: nn.Module,
+    scorer: EndingScorer,
     examples: list[Example],
     block_size: int,
     device: str,
@@ -333,7 +346,7 @@ def score_examples(
     dtype: str = "bf16",
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Prediction]:
-    """Predictions for ``examples`` (in their order) from an ``EndingScorer`` (plain or compiled), on one process."""
+    """Predictions for ``examples`` (in their order), on this process alone."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     rows = [pack_example(e, block_size) for e in examples]
@@ -368,12 +381,10 @@ def evaluate(
     Every rank scores a strided share of the examples and the counts are all-reduced, so all ranks get
     the same result, equal to a one-process run. ``keep_predictions`` gathers every example's
     ``Prediction`` (in example order) into the result. The model's own compiled graph is never used (its
-    shapes are the training shapes); ``compile=True`` compiles the scorer with dynamic shapes instead.
+    shapes are the training shapes); ``compile=True`` compiles the scorer's trunk with dynamic shapes instead.
     """
     gpt = unwrap(model)
-    scorer = EndingScorer(gpt)
-    if compile:
-        scorer = torch.compile(scorer, dynamic=True)
+    scorer = EndingScorer(gpt, compile=compile)
     was_training = gpt.training
     gpt.eval()
     try:
@@ -385,7 +396,7 @@ def evaluate(
 
 
 def _evaluate_with(
-    scorer: nn.Module,
+    scorer: EndingScorer,
     block_size: int,
     examples: list[Example],
     ctx: DistContext,
@@ -512,12 +523,13 @@ def run(cfg: EvalConfig, report: Callable[[str], None] = print) -> list[HellaSwa
         examples = load_examples(_on_main(lambda: cfg.data or ensure_val(), ctx), cfg.limit)
         if not is_run_dir(cfg.target):
             return [_score_target(cfg, examples, ctx, say)]
-        results = score_run(cfg, examples, ctx, say)
+        skipped: set[str] = set()
+        results = score_run(cfg, examples, ctx, say, skipped)
         if not results and not cfg.watch:
             say(f"every checkpoint in {cfg.target} is already scored in {SCORES_FILE}")
         while cfg.watch:
             time.sleep(cfg.interval)
-            results += score_run(cfg, examples, ctx, say)
+            results += score_run(cfg, examples, ctx, say, skipped)
         return results
     finally:
         destroy_distributed()
@@ -541,13 +553,17 @@ def _score_target(cfg: EvalConfig, examples: list[Example], ctx: DistContext, sa
 
 
 def score_run(
-    cfg: EvalConfig, examples: list[Example], ctx: DistContext, say: Callable[[str], None]
+    cfg: EvalConfig,
+    examples: list[Example],
+    ctx: DistContext,
+    say: Callable[[str], None],
+    skipped: set[str] | None = None,
 ) -> list[HellaSwagResult]:
     """Score each checkpoint of the run directory ``cfg.target`` that ``hellaswag.jsonl`` does not list yet.
 
     Checkpoints are written by temp file + rename, so a listed ``ckpt_*.pt`` is complete. While
     watching, a checkpoint that cannot be read (deleted by rotation, copied in by hand) is retried at
-    the next poll instead of ending the watch.
+    the next poll instead of ending the watch (``skipped`` remembers them, so each is reported once).
     """
     run_dir = Path(cfg.target)
 
@@ -558,17 +574,15 @@ def score_run(
     results = []
     scorer = None
     for step, path in _on_main(pending, ctx):
-        model = _load_for_run(path, ctx, skip_unreadable=cfg.watch)
+        model = _load_for_run(path, ctx, skipped if cfg.watch else None)
         if model is None:
             continue
-        if scorer is None or unwrap(scorer).model.config != model.config:
-            scorer = EndingScorer(model)
-            scorer = torch.compile(scorer, dynamic=True) if cfg.compile else scorer
-        else:  # same architecture: load the weights in place and keep the compiled scorer
-            unwrap(scorer).model.load_state_dict(model.state_dict())
-        gpt = unwrap(scorer).model
+        if scorer is None or scorer.model.config != model.config:
+            scorer = EndingScorer(model, compile=cfg.compile)
+        else:  # same architecture: load the weights in place and keep the compiled trunk
+            scorer.model.load_state_dict(model.state_dict())
         result = _evaluate_with(
-            scorer, gpt.config.block_size, examples, ctx, cfg.batch_size, cfg.dtype, cfg.progress, False
+            scorer, model.config.block_size, examples, ctx, cfg.batch_size, cfg.dtype, cfg.progress, False
         )
         if ctx.is_main:
             record = {"step": step, "acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
@@ -579,8 +593,9 @@ def score_run(
     return results
 
 
-def _load_for_run(path: str, ctx: DistContext, skip_unreadable: bool) -> GPT | None:
-    """The checkpoint's model on every rank, or None on every rank when any of them could not read it."""
+def _load_for_run(path: str, ctx: DistContext, skipped: set[str] | None) -> GPT | None:
+    """The checkpoint's model on every rank; or, when any rank could not read it, None on every rank if
+    ``skipped`` is given (the path is added to it) and a ``UserError`` if not."""
     error = None
     try:
         model = model_from_checkpoint(load_checkpoint(path), path).to(ctx.device).eval()
@@ -589,7 +604,9 @@ def _load_for_run(path: str, ctx: DistContext, skip_unreadable: bool) -> GPT | N
     failed = all_reduce_sum(torch.tensor([error is not None], dtype=torch.long, device=ctx.device), ctx).item()
     if not failed:
         return model
-    if not skip_unreadable:
+    if skipped is None:
         raise error or UserError(f"checkpoint {path} cannot be loaded on another rank")
-    log.warning("skipping %s for now: %s", path, error or "unreadable on another rank")
+    if path not in skipped:
+        log.warning("skipping %s for now: %s", path, error or "unreadable on another rank")
+        skipped.add(path)
     return None
