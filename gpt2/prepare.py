@@ -575,16 +575,17 @@ def _open_output(cfg: PrepareConfig, source: FileSource | HubSource) -> tuple[di
     elif (out / MANIFEST).exists():
         manifest = _read_manifest(out / MANIFEST)
         for key in IDENTITY_KEYS:
-            if manifest.get(key) != fresh[key]:
+            if manifest.get(key) != fresh[key] and manifest["shards"]:  # with no shard yet, nothing is lost
                 raise UserError(
                     f"{out} was prepared with another {key} ({json.dumps(manifest.get(key))[:300]}, now "
                     f"{json.dumps(fresh[key])[:300]}); pass --overwrite to replace it, or choose another --out"
                 )
-        manifest["skip_bad"] = cfg.skip_bad  # not part of the identity: both write the same bytes up to a bad record
         for p in ours:
             if p.name.endswith(".tmp"):
                 p.unlink()  # left by a killed run
-        return _verify_shards(out, manifest)
+        if manifest["shards"]:
+            manifest["skip_bad"] = cfg.skip_bad  # not in the identity: both write the same bytes up to a bad record
+            return _verify_shards(out, manifest)
     elif ours:
         raise UserError(f"{out} holds shards but no {MANIFEST}; pass --overwrite to replace them")
     _write_manifest(out, fresh)

@@ -229,6 +229,11 @@ def test_refuses_a_directory_prepared_differently(tmp_path):
     (out / "manifest.json").unlink()
     with pytest.raises(UserError, match=r"holds shards but no manifest\.json"):
         run(tmp_path, inputs, shard_tokens=200, val_tokens=50)
+    # a run that failed before its first shard is simply replaced: there is nothing to lose
+    with pytest.raises(UserError, match="no field 'body'"):
+        run(tmp_path, [str(other)], name="fresh", text_field="body")
+    manifest, out = run(tmp_path, inputs, name="fresh")
+    assert manifest["complete"] and manifest["source"]["text_field"] == "text"
 
 
 def test_damaged_or_missing_shards_are_remade_identically(tmp_path):
