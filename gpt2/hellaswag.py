@@ -513,16 +513,22 @@ def run(cfg: EvalConfig, report: Callable[[str], None] = print) -> list[HellaSwa
     A run directory is scored checkpoint by checkpoint into ``<run>/hellaswag.jsonl`` (forever with
     ``watch``); any other target is scored once and written to ``--out`` / ``--predictions``.
     """
-    if is_run_dir(cfg.target) and (cfg.out or cfg.predictions):
+    # --watch may start before the trainer has made the run directory.
+    run_mode = is_run_dir(cfg.target) or (cfg.watch and not Path(cfg.target).exists())
+    if run_mode and (cfg.out or cfg.predictions):
         raise UserError("--out and --predictions score one model: pass a checkpoint file, not a run directory")
-    if cfg.watch and not is_run_dir(cfg.target):
+    if cfg.interval <= 0:
+        raise UserError(f"--interval must be a positive number of seconds, got {cfg.interval}")
+    if cfg.watch and not run_mode:
         raise UserError(f"--watch polls a run directory for new checkpoints; {cfg.target} is not one")
     ctx = init_distributed(cfg.device)
     say = report if ctx.is_main else (lambda line: None)
     try:
         examples = load_examples(_on_main(lambda: cfg.data or ensure_val(), ctx), cfg.limit)
-        if not is_run_dir(cfg.target):
+        if not run_mode:
             return [_score_target(cfg, examples, ctx, say)]
+        if cfg.watch:
+            say(f"watching {cfg.target} for new checkpoints every {cfg.interval:g}s (Ctrl-C to stop)")
         skipped: set[str] = set()
         results = score_run(cfg, examples, ctx, say, skipped)
         if not results and not cfg.watch:
@@ -535,7 +541,9 @@ def run(cfg: EvalConfig, report: Callable[[str], None] = print) -> list[HellaSwa
         destroy_distributed()
 
 
-def _score_target(cfg: EvalConfig, examples: list[Example], ctx: DistContext, say: Callable[[str], None]):
+def _score_target(
+    cfg: EvalConfig, examples: list[Example], ctx: DistContext, say: Callable[[str], None]
+) -> HellaSwagResult:
     model, info = load_model(cfg.target, ctx.device)
     result = evaluate(
         model, examples, ctx, batch_size=cfg.batch_size, dtype=cfg.dtype, progress=cfg.progress,

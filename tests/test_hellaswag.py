@@ -200,8 +200,7 @@ def wait_for(predicate, timeout: float = 60.0) -> None:
 
 def test_watch_scores_new_checkpoints_and_waits_out_unreadable_ones(tmp_path):
     data = write_jsonl(tmp_path / "hs.jsonl", make_examples(6, seed=5))
-    run_dir = tmp_path / "run"
-    save_tiny_checkpoint(run_dir, 1, seed=1)
+    run_dir = tmp_path / "run"  # the watch starts before the trainer has made the run directory
     proc = subprocess.Popen(
         [sys.executable, "eval_hellaswag.py", run_dir, "--data", data, "--watch", "--interval", "0.2"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD},
@@ -209,6 +208,8 @@ def test_watch_scores_new_checkpoints_and_waits_out_unreadable_ones(tmp_path):
     )  # fmt: skip
     scored = lambda: [r["step"] for r in map(json.loads, (run_dir / SCORES_FILE).read_text().splitlines())]
     try:
+        time.sleep(0.5)
+        save_tiny_checkpoint(run_dir, 1, seed=1)
         wait_for(lambda: (run_dir / SCORES_FILE).exists())
         good = save_tiny_checkpoint(tmp_path, 2, seed=2).read_bytes()
         (run_dir / "ckpt_000002.pt").write_bytes(good[: len(good) // 2])  # copied in by hand, not yet complete
@@ -218,8 +219,10 @@ def test_watch_scores_new_checkpoints_and_waits_out_unreadable_ones(tmp_path):
         wait_for(lambda: scored() == [1, 2])
     finally:
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
+        stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "Traceback" not in stderr
+    assert stdout.startswith(f"watching {run_dir} for new checkpoints every 0.2s")
+    assert [line.split(":")[0] for line in stdout.splitlines()[1:]] == ["step 1", "step 2"]
     assert "skipping" in stderr and "ckpt_000002.pt" in stderr
 
 
