@@ -126,7 +126,18 @@ class JsonLines:
     text_field: str
 
 
-Unit = list[Record] | JsonLines  # the work handed to a worker at a time
+@dataclass(frozen=True)
+class ArrowRows:
+    """A slice of a text column (parquet file or hub stream), turned into Python strings in a worker."""
+
+    where: str  # the file or dataset, for error messages
+    first_row: int
+    values: Any  # a pyarrow string or binary array
+    text_field: str
+
+
+Unit = list[Record] | JsonLines | ArrowRows  # the work handed to a worker at a time
+ROWS_PER_READ = 256  # rows per arrow batch read; batches are joined into units of about batch_chars
 
 
 @dataclass(frozen=True)
@@ -169,7 +180,7 @@ class FileSource:
         """The records from record index ``start`` on, in units of about ``batch_chars`` characters."""
         return _grouped(self._items(start, batch_chars), batch_chars)
 
-    def _items(self, start: int, batch_chars: int) -> Iterator[Record | JsonLines]:
+    def _items(self, start: int, batch_chars: int) -> Iterator[Record | JsonLines | ArrowRows]:
         skip = start  # records before ``start`` are skipped, not parsed: whole files by their record count
         for index, path in enumerate(self.paths):
             self._index = index
@@ -184,7 +195,7 @@ class FileSource:
             if kind == "jsonl":
                 yield from self._jsonl(path, skip, batch_chars)
             else:
-                yield from (self._parquet if kind == "parquet" else self._txt)(path, skip)
+                yield from (self._parquet(path, skip, batch_chars) if kind == "parquet" else self._txt(path, skip))
             skip = 0
             self._bytes_done += self.sizes[self._index]
 
@@ -205,24 +216,18 @@ class FileSource:
             except (OSError, EOFError, zlib.error) as e:
                 raise UserError(f"{path}: cannot read ({e})") from e
 
-    def _parquet(self, path: Path, skip: int) -> Iterator[Record]:
+    def _parquet(self, path: Path, skip: int, batch_chars: int) -> Iterator[ArrowRows]:
         pf = _open_parquet(path, self.text_field)
         group, row = 0, 0
         while skip and skip >= pf.metadata.row_group(group).num_rows:  # whole row groups are skipped unread
             n = pf.metadata.row_group(group).num_rows
             skip, row, group = skip - n, row + n, group + 1
-        total = max(pf.metadata.num_rows, 1)
         groups = range(group, pf.num_row_groups)
-        for batch in pf.iter_batches(batch_size=8192, columns=[self.text_field], row_groups=groups):
-            drop = min(skip, batch.num_rows)
-            skip, row = skip - drop, row + drop
-            for value in batch.column(0).slice(drop).to_pylist():
-                try:
-                    yield _text(value, self.text_field)
-                except _Bad as e:
-                    yield BadRecord(f"{path}: row {row}", str(e))
-                row += 1
-            self._file_fraction = row / total
+        batches = pf.iter_batches(batch_size=ROWS_PER_READ, columns=[self.text_field], row_groups=groups)
+        columns = (batch.column(0) for batch in batches)
+        for unit in _arrow_units(columns, str(path), row, skip, batch_chars, self.text_field):
+            yield unit
+            self._file_fraction = (unit.first_row + len(unit.values)) / max(pf.metadata.num_rows, 1)
 
     def _txt(self, path: Path, skip: int) -> Iterator[Record]:
         assert skip == 0, "_items() skips whole .txt files"
@@ -252,18 +257,16 @@ class HubSource:
 
     def units(self, start: int, batch_chars: int) -> Iterator[Unit]:
         """The records from record index ``start`` on, in units of about ``batch_chars`` characters."""
-        return _grouped(self._records(start), batch_chars)
+        return self._units(start, batch_chars)
 
-    def _records(self, start: int) -> Iterator[Record]:
-        stream = self._open().select_columns([self.text_field]).skip(start)
+    def _units(self, start: int, batch_chars: int) -> Iterator[ArrowRows]:
+        stream = self._open().select_columns([self.text_field]).skip(start).with_format("arrow")
         self._read = start
+        columns = (table.column(self.text_field).combine_chunks() for table in stream.iter(ROWS_PER_READ))
         try:
-            for row in stream:
-                try:
-                    yield _text(row[self.text_field], self.text_field)
-                except _Bad as e:
-                    yield BadRecord(f"{self.dataset}: row {self._read}", str(e))
-                self._read += 1
+            for unit in _arrow_units(columns, self.dataset, start, 0, batch_chars, self.text_field):
+                self._read = unit.first_row + len(unit.values)
+                yield unit
         except _network_errors() as e:
             raise UserError(f"lost the stream of {self.dataset} ({e}); re-run the same command to resume") from e
 
@@ -405,12 +408,32 @@ def _text(value: object, text_field: str) -> str:
     raise _Bad(f"{text_field!r} is {kind}, expected a string")
 
 
-def _grouped(items: Iterator[Record | JsonLines], batch_chars: int) -> Iterator[Unit]:
-    """Records gathered into lists of about ``batch_chars`` characters; jsonl chunks pass through as they are."""
+def _arrow_units(
+    columns: Iterator[Any], where: str, first_row: int, skip: int, batch_chars: int, text_field: str
+) -> Iterator[ArrowRows]:
+    """Arrow column batches joined into units of about ``batch_chars`` bytes, after skipping ``skip`` rows."""
+    import pyarrow as pa
+
+    parts, size, row = [], 0, first_row + skip
+    for column in columns:
+        drop = min(skip, len(column))
+        skip -= drop
+        parts.append(column.slice(drop))
+        size += parts[-1].nbytes
+        if size >= batch_chars:
+            yield ArrowRows(where, row, pa.concat_arrays(parts), text_field)
+            row += sum(map(len, parts))
+            parts, size = [], 0
+    if parts:
+        yield ArrowRows(where, row, pa.concat_arrays(parts), text_field)
+
+
+def _grouped(items: Iterator[Record | JsonLines | ArrowRows], batch_chars: int) -> Iterator[Unit]:
+    """Records gathered into lists of about ``batch_chars`` characters; ready units pass through as they are."""
     group: list[Record] = []
     chars = 0
     for item in items:
-        if isinstance(item, JsonLines):
+        if isinstance(item, JsonLines | ArrowRows):
             if group:
                 yield group
                 group, chars = [], 0
@@ -445,16 +468,25 @@ def tokenize_unit(unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[
 
 
 def _records_of(unit: Unit) -> list[Record]:
-    if not isinstance(unit, JsonLines):
-        return unit
-    records: list[Record] = []
-    for i, line in enumerate(unit.data.split(b"\n")):
-        if line and not line.isspace():  # blank lines are not records
-            try:
-                records.append(_json_text(line, unit.text_field))
-            except _Bad as e:
-                records.append(BadRecord(f"{unit.path}:{unit.first_line + i}", str(e)))
-    return records
+    if isinstance(unit, JsonLines):
+        lines, where = unit.data.split(b"\n"), f"{unit.path}:{{}}"
+        return [
+            _record(_json_text, line, unit.text_field, where, unit.first_line + i)
+            for i, line in enumerate(lines)
+            if line and not line.isspace()  # blank lines are not records
+        ]
+    if isinstance(unit, ArrowRows):
+        values, where = unit.values.to_pylist(), f"{unit.where}: row {{}}"
+        return [_record(_text, value, unit.text_field, where, unit.first_row + i) for i, value in enumerate(values)]
+    return unit
+
+
+def _record(parse: Callable[[Any, str], str], value: Any, text_field: str, where: str, number: int) -> Record:
+    """``parse(value)``, or a ``BadRecord`` saying where (``where`` filled with the line or row) and why not."""
+    try:
+        return parse(value, text_field)
+    except _Bad as e:
+        return BadRecord(where.format(number), str(e))
 
 
 def tokenize_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
