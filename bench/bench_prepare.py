@@ -1,12 +1,13 @@
 """Shard preparation throughput: ``gpt2.prepare`` end to end vs. tiktoken's raw ``encode_ordinary_batch``.
 
 The input is real text from ``../shared/data/corpus`` (FineWeb-Edu, Common Crawl, C4 and Wikipedia samples;
-this script reads that folder, which only development checkouts have), replicated into one jsonl file of
-about --mb MB. For each worker count N in --workers, one run measures side by side, --repeats times:
+this script reads that folder, which only development checkouts have), replicated into one jsonl (or, with
+--format parquet, parquet) file of about --mb MB. For each worker count N in --workers, one run measures
+side by side, --repeats times:
 
 - reference: ``encode_ordinary_batch(texts, num_threads=N)`` on the texts already in memory (tokenizing only);
-- ours: ``prepare()`` with ``workers=N`` from the jsonl file to finished shards on disk (reading, JSON
-  parsing, tokenizing, copying, writing with fsync, sha256 and manifest all included).
+- ours: ``prepare()`` with ``workers=N`` from the input file to finished shards on disk (reading, parsing,
+  tokenizing, copying, writing with fsync, sha256 and manifest all included).
 
 Prints median tokens/s of each and the ratio ours/reference (target >= 1.0), and how ours scales with N.
 
@@ -45,16 +46,21 @@ def corpus_documents(corpus: Path) -> list[str]:
 
 
 def write_input(docs: list[str], path: Path, mb: float) -> list[str]:
-    """Repeat ``docs`` into a jsonl file of about ``mb`` MB; returns the texts written, in order."""
+    """Repeat ``docs`` into a .jsonl or .parquet file of about ``mb`` MB; returns the texts written, in order."""
     texts: list[str] = []
     size = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path.with_suffix(".jsonl"), "w", encoding="utf-8") as f:
         while size < mb * 1e6:
             for doc in docs:
                 line = json.dumps({"text": doc}) + "\n"
                 f.write(line)
                 texts.append(doc)
                 size += len(line)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": texts}), path, row_group_size=10_000)
     return texts
 
 
@@ -79,19 +85,22 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
                    help="worker processes for ours = threads for the reference (default: 1 and all cores)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="runs of each, medians reported (default 3)")
-    p.add_argument("--shard-tokens", type=int, default=2_000_000, help="shard size of ours (default 2,000,000)")
+    p.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="input format (default jsonl)")
+    p.add_argument("--shard-tokens", type=int, help="shard size of ours (default: an eighth of the input)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
-        path = Path(tmp) / "input.jsonl"
+        path = Path(tmp) / f"input.{args.format}"
         texts = write_input(corpus_documents(args.corpus), path, args.mb)
-        print(f"input: {path.stat().st_size / 1e6:.1f} MB, {len(texts):,} documents; cores: {os.cpu_count()}")
+        text_mb = sum(len(t.encode()) for t in texts) / 1e6
+        print(f"input: {path.name}, {text_mb:.1f} MB of text in {len(texts):,} documents; cores: {os.cpu_count()}")
         ours_by_n = {}
         for n in args.workers:
             ref_s, ours_s = [], []
             for _ in range(args.repeats):  # interleaved, so that load from other processes hits both alike
                 seconds, ref_tokens = time_reference(texts, n)
                 ref_s.append(seconds)
-                seconds, tokens = time_ours(path, Path(tmp) / "out", n, args.shard_tokens)
+                shard_tokens = args.shard_tokens or ref_tokens // 8
+                seconds, tokens = time_ours(path, Path(tmp) / "out", n, shard_tokens)
                 ours_s.append(seconds)
                 assert tokens == ref_tokens, (tokens, ref_tokens)
             ref_rate, ours_rate = tokens / statistics.median(ref_s), tokens / statistics.median(ours_s)
