@@ -339,7 +339,6 @@ def _batches(rows: list[_Packed], batch_size: int) -> Iterator[list[int]]:
 def score_examples(
     scorer: EndingScorer,
     examples: list[Example],
-    block_size: int,
     device: str,
     *,
     batch_size: int = 32,
@@ -349,7 +348,7 @@ def score_examples(
     """Predictions for ``examples`` (in their order), on this process alone."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
-    rows = [pack_example(e, block_size) for e in examples]
+    rows = [pack_example(e, scorer.model.config.block_size) for e in examples]
     predictions: list[Prediction | None] = [None] * len(rows)
     for batch in _batches(rows, batch_size):
         with autocast(torch.device(device).type, dtype):
@@ -388,16 +387,13 @@ def evaluate(
     was_training = gpt.training
     gpt.eval()
     try:
-        return _evaluate_with(
-            scorer, gpt.config.block_size, examples, ctx, batch_size, dtype, progress, keep_predictions
-        )
+        return _evaluate_with(scorer, examples, ctx, batch_size, dtype, progress, keep_predictions)
     finally:
         gpt.train(was_training)
 
 
 def _evaluate_with(
     scorer: EndingScorer,
-    block_size: int,
     examples: list[Example],
     ctx: DistContext,
     batch_size: int,
@@ -409,9 +405,7 @@ def _evaluate_with(
     local = examples[ctx.rank :: ctx.world_size]
     desc = "hellaswag" if ctx.world_size == 1 else f"hellaswag (rank 0 of {ctx.world_size})"
     with tqdm(total=len(local), desc=desc, unit="ex", disable=not (progress and ctx.is_main), leave=False) as bar:
-        predictions = score_examples(
-            scorer, local, block_size, ctx.device, batch_size=batch_size, dtype=dtype, on_batch=bar.update
-        )
+        predictions = score_examples(scorer, local, ctx.device, batch_size=batch_size, dtype=dtype, on_batch=bar.update)
     counts = torch.tensor(
         [
             len(predictions),
@@ -529,13 +523,13 @@ def run(cfg: EvalConfig, report: Callable[[str], None] = print) -> list[HellaSwa
             return [_score_target(cfg, examples, ctx, say)]
         if cfg.watch:
             say(f"watching {cfg.target} for new checkpoints every {cfg.interval:g}s (Ctrl-C to stop)")
-        skipped: set[str] = set()
-        results = score_run(cfg, examples, ctx, say, skipped)
+        state = RunState()
+        results = score_run(cfg, examples, ctx, say, state)
         if not results and not cfg.watch:
             say(f"every checkpoint in {cfg.target} is already scored in {SCORES_FILE}")
         while cfg.watch:
             time.sleep(cfg.interval)
-            results += score_run(cfg, examples, ctx, say, skipped)
+            results += score_run(cfg, examples, ctx, say, state)
         return results
     finally:
         destroy_distributed()
@@ -560,18 +554,26 @@ def _score_target(
     return result
 
 
+@dataclass
+class RunState:
+    """What one pass over a run directory hands to the next while watching."""
+
+    scorer: EndingScorer | None = None  # kept, so a compiled trunk is compiled once
+    skipped: set[str] = field(default_factory=set)  # unreadable checkpoints already reported
+
+
 def score_run(
     cfg: EvalConfig,
     examples: list[Example],
     ctx: DistContext,
     say: Callable[[str], None],
-    skipped: set[str] | None = None,
+    state: RunState | None = None,
 ) -> list[HellaSwagResult]:
     """Score each checkpoint of the run directory ``cfg.target`` that ``hellaswag.jsonl`` does not list yet.
 
     Checkpoints are written by temp file + rename, so a listed ``ckpt_*.pt`` is complete. While
     watching, a checkpoint that cannot be read (deleted by rotation, copied in by hand) is retried at
-    the next poll instead of ending the watch (``skipped`` remembers them, so each is reported once).
+    the next poll instead of ending the watch (each is reported once).
     """
     run_dir = Path(cfg.target)
 
@@ -579,19 +581,17 @@ def score_run(
         done = {record.get("step") for record in read_scores(run_dir)}
         return [(step, str(path)) for step, path in find_checkpoints(run_dir) if step not in done]
 
+    state = state or RunState()
     results = []
-    scorer = None
     for step, path in _on_main(pending, ctx):
-        model = _load_for_run(path, ctx, skipped if cfg.watch else None)
+        model = _load_for_run(path, ctx, state.skipped if cfg.watch else None)
         if model is None:
             continue
-        if scorer is None or scorer.model.config != model.config:
-            scorer = EndingScorer(model, compile=cfg.compile)
+        if state.scorer is None or state.scorer.model.config != model.config:
+            state.scorer = EndingScorer(model, compile=cfg.compile)
         else:  # same architecture: load the weights in place and keep the compiled trunk
-            scorer.model.load_state_dict(model.state_dict())
-        result = _evaluate_with(
-            scorer, model.config.block_size, examples, ctx, cfg.batch_size, cfg.dtype, cfg.progress, False
-        )
+            state.scorer.model.load_state_dict(model.state_dict())
+        result = _evaluate_with(state.scorer, examples, ctx, cfg.batch_size, cfg.dtype, cfg.progress, False)
         if ctx.is_main:
             record = {"step": step, "acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
             write_text_atomic(run_dir / SCORES_FILE, _jsonl([*read_scores(run_dir), record]))
