@@ -173,14 +173,6 @@ def evaluate_loss(model: nn.Module, batches: ValLoader, ctx: DistContext, dtype:
 # Setup helpers
 
 
-def check_data(data_dir: str | Path) -> None:
-    """Fail early, with a hint, when the shards are missing."""
-    try:
-        list_shards(data_dir, "train")
-    except UserError as e:
-        raise UserError(f"{e} (--data {data_dir})") from None
-
-
 def find_resume_checkpoint(cfg: TrainConfig, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to continue from according to ``--resume``, loaded; None to start afresh."""
     out = Path(cfg.out)
@@ -298,7 +290,7 @@ class Trainer:
         self.reporter = reporter if ctx.is_main else None
         self.out = Path(cfg.out)
 
-        check_data(cfg.data)
+        list_shards(cfg.data, "train")  # missing data: fail before building anything
         resume = find_resume_checkpoint(cfg, self.say)
         barrier(ctx)  # every rank has looked at --out before rank 0 writes into it
         ckpt_path, ckpt = resume if resume else (None, None)
@@ -383,7 +375,7 @@ class Trainer:
             last = step == cfg.max_steps
             if step > self.start_step or step == 0:  # a resumed step's evaluations precede its checkpoint
                 self._evaluate(step, last)
-            stopping = self.stop.reason is not None
+            stopping = self.stop.reason is not None and not last
             if step > self.start_step and (last or stopping or (cfg.save_every and step % cfg.save_every == 0)):
                 self._save(step)
             if last or stopping:
@@ -391,11 +383,12 @@ class Trainer:
             self._train(step)
             step += 1
             self._agree_on_stop()
-        if stopping:
-            self.say(
-                f"stopped by {self.stop.reason} after step {step}: {self.last_checkpoint} written; "
-                f"run the same command again to resume"
-            )
+        if not stopping:
+            return TrainResult(step, self.val_loss, self.last_checkpoint)
+        self.say(
+            f"stopped by {self.stop.reason} after step {step}; newest checkpoint: {self.last_checkpoint}; "
+            f"run the same command again to resume"
+        )
         return TrainResult(step, self.val_loss, self.last_checkpoint, self.stop.reason)
 
     def _train(self, step: int) -> None:
@@ -414,12 +407,7 @@ class Trainer:
                 dtype=cfg.dtype,
             )
         except NonFiniteLoss as e:
-            kept = (
-                f"the last good checkpoint {self.last_checkpoint} is untouched"
-                if self.last_checkpoint
-                else "no checkpoint written"
-            )
-            raise NonFiniteLoss(f"non-finite {e} at step {step}; stopping ({kept})") from None
+            raise NonFiniteLoss(f"non-finite {e} at step {step}; stopping ({self._last_good()})") from None
         dt = time.perf_counter() - t0
         tok_per_s = cfg.batch_tokens / dt
         self.report(
@@ -435,6 +423,11 @@ class Trainer:
                 "mfu": mfu(self.flops_per_token, tok_per_s / self.ctx.world_size, self.peak_flops),
             }
         )
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint {self.last_checkpoint} is untouched"
 
     def _agree_on_stop(self) -> None:
         """Under torchrun a signal may reach some ranks only (or a step later): stop together or not at all."""
@@ -475,6 +468,10 @@ class Trainer:
             self.report({"step": step, "kind": "sample", "text": texts})
 
     def _save(self, step: int) -> None:
+        # A step's loss is measured before its update, so an update that blows the weights up would only show
+        # in the next loss: check the weights themselves before they can replace a good checkpoint.
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise NonFiniteLoss(f"non-finite weights after step {step}; stopping ({self._last_good()})")
         rng = gather_rng_states(self.ctx)  # a collective: every rank takes part
         if self.ctx.is_main:
             path = checkpoint_path(self.out, step)
