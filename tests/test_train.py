@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2.checkpoint import find_checkpoints, load_checkpoint
+from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model
 from gpt2.config import TrainConfig, build_parser, config_from_args
 from gpt2.errors import UserError
 from gpt2.metrics import datasheet_peak, device_peak, mfu
@@ -218,6 +218,13 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(synthetic: Path, tm
     assert grad_norms == {r["step"]: r["grad_norm"] for r in straight if r["kind"] == "train"}
 
 
+def test_resume_from_a_given_checkpoint_into_a_new_run_directory(synthetic: Path, tmp_path: Path):
+    train(tiny(synthetic, tmp_path / "a", max_steps=6, save_every=2))
+    branch = Capture()
+    train(tiny(synthetic, tmp_path / "b", max_steps=6, resume=str(tmp_path / "a" / "ckpt_000002.pt")), branch)
+    assert losses(branch.records) == {s: loss for s, loss in losses(read_log(tmp_path / "a")).items() if s >= 2}
+
+
 def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(synthetic: Path, tmp_path: Path):
     """Steps made slower (4 micro-steps) so the signal lands mid-run; the result equals an uninterrupted run."""
     run = dict(max_steps=100, batch_tokens=256, save_every=1000)
@@ -289,6 +296,22 @@ def test_compiled_run_trains_evaluates_and_samples(synthetic: Path, tmp_path: Pa
     for step, loss in losses(eager.records).items():
         assert losses(cap.records)[step] == pytest.approx(loss, rel=1e-4)
     assert losses(cap.records, "val")[3] == pytest.approx(losses(eager.records, "val")[3], rel=1e-4)
+
+
+def test_hellaswag_in_the_loop_matches_the_evaluator_on_the_checkpoint(synthetic: Path, tmp_path: Path):
+    from gpt2.distributed import DistContext
+    from gpt2.hellaswag import evaluate, load_examples
+
+    data = ROOT / "data" / "sample" / "hellaswag_val_200.jsonl"
+    cap = Capture()
+    cfg = tiny(synthetic, tmp_path, vocab_size=50257, max_steps=2, hellaswag_every=2, hellaswag_data=str(data),
+               hellaswag_limit=12)  # fmt: skip
+    train(cfg, cap)
+    records = [r for r in cap.records if r["kind"] == "hellaswag"]
+    assert [(r["step"], r["n"]) for r in records] == [(0, 12), (2, 12)]
+    model, _ = load_model(tmp_path / "ckpt_000002.pt")
+    expected = evaluate(model, load_examples(data, limit=12), DistContext(), dtype="fp32")
+    assert (records[1]["acc"], records[1]["acc_norm"]) == (expected.acc, expected.acc_norm)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
