@@ -153,8 +153,9 @@ class Progress:
 
 
 class FileSource:
-    """Local files: ``.parquet`` (read by row group), ``.jsonl``/``.jsonl.gz`` (a JSON object per line; blank
-    lines are ignored), ``.txt`` (the whole file is one document). Rows are numbered from 0, lines from 1."""
+    """Local files: ``.parquet`` (the text column, in arrow batches), ``.jsonl``/``.jsonl.gz`` (a JSON object
+    per line; blank lines are ignored), ``.txt`` (the whole file is one document). Rows are numbered from 0,
+    lines from 1."""
 
     def __init__(self, patterns: list[str], text_field: str) -> None:
         self.paths = expand_inputs(patterns)
