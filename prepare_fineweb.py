@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from tqdm import tqdm
 
 from gpt2.errors import run_cli
-from gpt2.prepare import PrepareConfig, Progress, prepare
+from gpt2.prepare import PrepareConfig, Progress, default_workers, prepare
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--overwrite", action="store_true",
                      help="replace the shards and manifest in --out, even from another source or settings")  # fmt: skip
     run = p.add_argument_group("speed")
-    run.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    run.add_argument("--workers", type=int, default=default_workers(),
                      help="tokenizer processes (default: all cores, here %(default)s)")  # fmt: skip
     run.add_argument("--batch-chars", type=int, default=d.batch_chars,
                      help=f"characters (jsonl: bytes) per unit of work (default {d.batch_chars:,})")  # fmt: skip

@@ -51,6 +51,11 @@ IDENTITY_KEYS = ("format", "source", "tokenizer", "tokenizer_sha256", "eot_id", 
                  "val_tokens", "max_docs", "max_tokens")  # fmt: skip
 
 
+def default_workers() -> int:
+    """The cores this process may run on (its CPU affinity where the platform tells it, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass
 class PrepareConfig:
     """Everything that ``prepare`` needs; ``prepare_fineweb.py`` fills it from the command line."""
@@ -63,7 +68,7 @@ class PrepareConfig:
     text_field: str = "text"
     shard_tokens: int = 100_000_000
     val_tokens: int | None = None  # None: one shard
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=default_workers)
     max_docs: int | None = None
     max_tokens: int | None = None
     skip_bad: bool = False
