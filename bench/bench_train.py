@@ -18,7 +18,7 @@ import argparse
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -150,7 +150,8 @@ def time_variant(
     return Timing(variant, tok_per_s, flops_per_token * tok_per_s / peak, first_s)
 
 
-def bench_config(name: str, args: argparse.Namespace, peak: float) -> list[Timing]:
+def bench_config(name: str, args: argparse.Namespace, peak: float) -> Iterator[Timing]:
+    """Time each variant in turn (plain first), yielding as soon as one is done."""
     arch, seq_len, micro_batch = CONFIGS[name]
     padded = GPTConfig(block_size=seq_len, vocab_multiple=64, **arch)
     plain = GPTConfig(block_size=seq_len, **arch)  # the textbook model does not pad its vocabulary
@@ -163,7 +164,8 @@ def bench_config(name: str, args: argparse.Namespace, peak: float) -> list[Timin
         "ours eager": lambda: our_step_fn(padded, batch, args.dtype, compile=False),
         "ours compiled": lambda: our_step_fn(padded, batch, args.dtype, compile=True),
     }
-    return [time_variant(v, make(), tokens, flops, peak, args.warmup, args.steps) for v, make in variants.items()]
+    for variant, make in variants.items():
+        yield time_variant(variant, make(), tokens, flops, peak, args.warmup, args.steps)
 
 
 def main() -> None:
@@ -177,14 +179,15 @@ def main() -> None:
 
     peak = measure_matmul_peak("cpu", seconds=args.peak_seconds)
     print(f"bf16 matmul peak on this CPU ({torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'config':<7} {'variant':<14} {'tok/s':>9} {'MFU':>7} {'vs plain':>9} {'1st step s':>11}")
+    print(f"{'config':<7} {'variant':<14} {'tok/s':>9} {'MFU':>7} {'vs plain':>9} {'1st step s':>11}", flush=True)
     for name in args.configs.split(","):
-        timings = bench_config(name, args, peak)
-        base = timings[0].tok_per_s
-        for t in timings:
+        base = None
+        for t in bench_config(name, args, peak):
+            base = base or t.tok_per_s
             print(
                 f"{name:<7} {t.variant:<14} {t.tok_per_s:>9.1f} {100 * t.mfu:>6.1f}% "
-                f"{t.tok_per_s / base:>8.2f}x {t.first_s:>11.1f}"
+                f"{t.tok_per_s / base:>8.2f}x {t.first_s:>11.1f}",
+                flush=True,
             )
 
 

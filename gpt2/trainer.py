@@ -302,46 +302,54 @@ class Trainer:
             raise UserError(f"{flag('seq_len')} {cfg.seq_len} exceeds the model's block size {model_cfg.block_size}")
         if cfg.sample_every:
             check_sampling(cfg, model_cfg)
-        loader_args = dict(rank=ctx.rank, world_size=ctx.world_size, vocab_size=model_cfg.vocab_size, device=ctx.device)
-        self.loader = TrainLoader(
-            cfg.data, cfg.seq_len, cfg.batch_tokens, cfg.micro_batch, seed=cfg.seed, **loader_args
+        self._build_data(model_cfg.vocab_size)
+        self.optimizer = self.model.configure_optimizer(
+            cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, ctx.device_type
         )
+        self.start_step, self.val_loss, self.last_checkpoint = 0, None, ckpt_path
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.loader.load_state_dict(ckpt["loader"])
+            restore_rng_states(ckpt["rng"], ctx)
+            self.start_step, self.val_loss = int(ckpt["step"]), ckpt.get("val_loss")
+        self._wrap_model()
+        self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
+        self.peak_flops = device_peak(ctx.device, cfg.peak_flops()) if ctx.is_main else None
+        self._open_log()
+        self._describe(ckpt_path)
+
+    def _build_data(self, vocab_size: int) -> None:
+        """This rank's train and val loaders, and the HellaSwag examples when asked for."""
+        cfg, ctx = self.cfg, self.ctx
+        placement = dict(rank=ctx.rank, world_size=ctx.world_size, vocab_size=vocab_size, device=ctx.device)
+        self.loader = TrainLoader(cfg.data, cfg.seq_len, cfg.batch_tokens, cfg.micro_batch, seed=cfg.seed, **placement)
         self.val_loader = None
         if cfg.eval_every and cfg.val_tokens:
-            self.val_loader = ValLoader(cfg.data, cfg.seq_len, cfg.val_tokens, cfg.micro_batch, **loader_args)
+            self.val_loader = ValLoader(cfg.data, cfg.seq_len, cfg.val_tokens, cfg.micro_batch, **placement)
         self.hellaswag_examples = None
         if cfg.hellaswag_every:
             from gpt2.hellaswag import load_examples
 
             self.hellaswag_examples = load_examples(cfg.hellaswag_data, cfg.hellaswag_limit)
 
-        self.optimizer = self.model.configure_optimizer(
-            cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, ctx.device_type
-        )
-        self.start_step, self.val_loss = 0, None
-        if ckpt is not None:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.loader.load_state_dict(ckpt["loader"])
-            restore_rng_states(ckpt["rng"], ctx)
-            self.start_step, self.val_loss = int(ckpt["step"]), ckpt.get("val_loss")
-        self.last_checkpoint = ckpt_path
-
-        enable_tf32(ctx.device_type)
-        self.compiled = torch.compile(self.model) if cfg.use_compile(ctx.device_type) else self.model
+    def _wrap_model(self) -> None:
+        """``compiled``: the model through torch.compile (or itself); ``train_model``: that, under DDP if distributed.
+        Compile first, then DDP: dynamo then splits the graph at DDP's buckets so communication overlaps backward."""
+        enable_tf32(self.ctx.device_type)
+        self.compiled = torch.compile(self.model) if self.cfg.use_compile(self.ctx.device_type) else self.model
         self.train_model = self.compiled
-        if ctx.is_distributed:
-            device_ids = [ctx.local_rank] if ctx.device_type == "cuda" else None
+        if self.ctx.is_distributed:
+            device_ids = [self.ctx.local_rank] if self.ctx.device_type == "cuda" else None
             self.train_model = DDP(self.compiled, device_ids=device_ids)
-        self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
-        self.peak_flops = device_peak(ctx.device, cfg.peak_flops()) if ctx.is_main else None
 
-        self.log = JsonlLog(self.out / LOG_FILE) if ctx.is_main else None
-        if ctx.is_main:
+    def _open_log(self) -> None:
+        """Rank 0's log.jsonl, cut back to the history of the state being resumed."""
+        self.log = JsonlLog(self.out / LOG_FILE) if self.ctx.is_main else None
+        if self.log is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             dropped = self.log.truncate_to(self.start_step)
             if dropped:
                 self.say(f"{self.log.path}: dropped {dropped} records after step {self.start_step} (not checkpointed)")
-        self._describe(ckpt_path)
 
     def say(self, text: str) -> None:
         if self.reporter is not None:
