@@ -10,13 +10,15 @@ How it is made fast without changing the numbers:
 * **Shared context.** An example is packed into one row ``ctx + ending0 + ... + ending3``. Each ending's
   positions restart where the context ends, and an attention mask lets an ending see only the context and
   its own earlier tokens, so every ending sees exactly what it would see alone, yet the context's
-  activations are computed once instead of four times.
+  activations are computed once instead of four times. An ending's last token is only a target, so it
+  is not fed in.
 * **Logits only where scored.** The LM head (a 50257-wide matmul plus log-softmax) runs only on the
   positions that predict an ending token, not on every position.
 * **Batches across examples, bucketed by length.** Rows are padded on the right to a multiple of
-  ``BUCKET`` tokens and batched with rows of the same bucket. A row's result depends only on its own
-  bucket, never on its batch-mates: in fp32 the predictions and losses are bit-identical whatever the
-  batch size or the number of ranks, and ``torch.compile`` sees a handful of shapes.
+  ``BUCKET`` tokens and batched with rows of the same bucket. Attention kernels' last bits change with
+  the padded length, so a row's length is set by the row alone, never by its batch-mates: on CPU in
+  fp32, predictions and losses are bit-identical whatever the batch size or the number of ranks (GPU
+  matmul libraries may pick kernels by batch size and move last bits). ``torch.compile`` sees few shapes.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ VAL_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 VAL_EXAMPLES = 10042
 DEFAULT_DATA_DIR = Path("data/hellaswag")
 SCORES_FILE = "hellaswag.jsonl"  # one {"step", "acc", "acc_norm", "n"} record per scored checkpoint of a run
-BUCKET = 16  # packed rows are padded to a multiple of this many tokens
+BUCKET = 8  # packed rows are padded to a multiple of this many tokens
 N_ENDINGS = 4
 
 T = TypeVar("T")

@@ -1,9 +1,10 @@
 """Plot a training run: ``python -m gpt2.plot RUN_DIR [-o run.png]``.
 
 Two panels, like the closing figure of the reference reproduction (build-nanogpt): train and val loss
-against step from ``<run>/log.jsonl``, and HellaSwag acc_norm against step from ``<run>/hellaswag.jsonl``
-(written by ``eval_hellaswag.py RUN_DIR``), each with the OpenAI GPT-2 124M (and GPT-3 125M) reference
-lines. matplotlib is an optional extra (``pip install 'gpt2[plot]'``).
+against step from ``<run>/log.jsonl``, and HellaSwag acc_norm against step from the trainer's own
+``hellaswag`` records in ``log.jsonl`` and from ``<run>/hellaswag.jsonl`` (written by
+``eval_hellaswag.py RUN_DIR``; it wins where both scored a step), each with the OpenAI GPT-2 124M
+(and GPT-3 125M) reference lines. matplotlib is an optional extra (``pip install 'gpt2[plot]'``).
 """
 
 from __future__ import annotations
@@ -41,15 +42,18 @@ def read_run(run_dir: str | Path) -> RunCurves:
     if not log_path.exists() and not (run_dir / SCORES_FILE).exists():
         raise UserError(f"{run_dir} has neither {LOG_FILE} nor {SCORES_FILE}: nothing to plot")
     curves = RunCurves()
+    hellaswag: dict[int, float] = {}
     if log_path.exists():
         for lineno, record in read_jsonl(log_path, allow_partial_tail=True):
             kind = record.get("kind") if isinstance(record, dict) else None
             if kind in ("train", "val"):
                 point = _point(record, "loss", f"{log_path}:{lineno}")
                 (curves.train_loss if kind == "train" else curves.val_loss).append(point)
+            elif kind == "hellaswag":  # scored by the trainer during the run (--hellaswag-every)
+                hellaswag.update([_point(record, "acc_norm", f"{log_path}:{lineno}")])
     for i, record in enumerate(read_scores(run_dir), start=1):
-        curves.hellaswag.append(_point(record, "acc_norm", f"{run_dir / SCORES_FILE}:{i}"))
-    curves.hellaswag.sort()
+        hellaswag.update([_point(record, "acc_norm", f"{run_dir / SCORES_FILE}:{i}")])
+    curves.hellaswag = sorted(hellaswag.items())
     return curves
 
 

@@ -17,13 +17,16 @@ from gpt2.plot import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS, GPT3_125M_HELLASW
 
 
 def make_run(run_dir: Path, steps: int = 200) -> Path:
-    """A synthetic run: decaying train loss every step, val every 50, HellaSwag every 100, a torn last line."""
+    """A synthetic run: decaying train loss every step, val every 50, HellaSwag every 100 (by the trainer in
+    log.jsonl and by eval_hellaswag.py in hellaswag.jsonl), and a torn last line."""
     run_dir.mkdir()
     records = [{"step": 0, "kind": "config", "seq_len": 1024}]
     for step in range(steps):
         records.append({"step": step, "kind": "train", "loss": 3.0 + 8 * math.exp(-step / 20), "lr": 6e-4})
         if step % 50 == 0:
             records.append({"step": step, "kind": "val", "loss": 3.1 + 8 * math.exp(-step / 20)})
+        if step in (100, 150):
+            records.append({"step": step, "kind": "hellaswag", "acc": 0.25, "acc_norm": 0.2, "n": 500})
     torn = '{"step": 200, "kind": "tr'
     (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + torn)
     scores = [{"step": s, "acc": 0.26, "acc_norm": 0.25 + s / 4000, "n": 10042} for s in (100, 0)]
@@ -45,7 +48,8 @@ def test_read_run_skips_a_torn_last_line_and_other_kinds(tmp_path):
     assert [s for s, _ in curves.train_loss] == list(range(200))
     assert [s for s, _ in curves.val_loss] == [0, 50, 100, 150]
     assert curves.val_loss[1] == (50, pytest.approx(3.1 + 8 * math.exp(-2.5)))
-    assert curves.hellaswag == [(0, 0.25), (100, 0.275)]  # sorted by step
+    # sorted by step; where both scored a step, hellaswag.jsonl wins over the trainer's record
+    assert curves.hellaswag == [(0, 0.25), (100, 0.275), (150, 0.2)]
 
 
 def test_figure_has_the_curves_and_the_reference_lines(tmp_path):
@@ -57,7 +61,7 @@ def test_figure_has_the_curves_and_the_reference_lines(tmp_path):
     assert ax_loss.get_ylim()[1] < 4.5  # not squashed by the initial loss of ~11
     hs_refs = sorted(line.get_ydata()[0] for line in ax_hs.lines if line.get_label().startswith("OpenAI"))
     assert hs_refs == [GPT2_124M_HELLASWAG, GPT3_125M_HELLASWAG]
-    assert list(ax_hs.lines[0].get_ydata()) == [0.25, 0.275]
+    assert list(ax_hs.lines[0].get_ydata()) == [0.25, 0.275, 0.2]
 
 
 def test_plot_writes_a_png(tmp_path, capsys):
