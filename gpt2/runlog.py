@@ -63,7 +63,8 @@ class ConsoleReporter:
         self.max_steps = max_steps
         self.stream = stream
         self.smoothing = smoothing
-        self._dt_ms: float | None = None
+        self._dt_ms: float | None = None  # smoothed step time
+        self._seen = 0
 
     def record(self, rec: dict[str, Any]) -> None:
         kind, step = rec["kind"], rec["step"]
@@ -81,9 +82,13 @@ class ConsoleReporter:
         self._print(text)
 
     def _train_line(self, rec: dict[str, Any]) -> str:
-        # The first step pays for compilation and warm-up; an exponential average forgets it quickly.
+        # The first step of a process pays for compilation and warm-up: the ETA starts afresh from the second.
         dt = rec["dt_ms"]
-        self._dt_ms = dt if self._dt_ms is None else self.smoothing * self._dt_ms + (1 - self.smoothing) * dt
+        self._seen += 1
+        if self._dt_ms is None or self._seen == 2:
+            self._dt_ms = dt
+        else:
+            self._dt_ms = self.smoothing * self._dt_ms + (1 - self.smoothing) * dt
         eta_s = (self.max_steps - rec["step"] - 1) * self._dt_ms / 1000
         mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "n/a"
         return (

@@ -368,7 +368,7 @@ class Trainer:
             where = f"starting from pretrained {cfg.init_from}"
         peak = f"{self.peak_flops / 1e12:.1f} TFLOP/s" if self.peak_flops else "unknown"
         self.say(
-            f"{where} | {self.model.num_params() / 1e6:.1f}M parameters | {ctx.world_size} process(es) on "
+            f"{where} | {self.model.num_params() / 1e6:.2f}M parameters | {ctx.world_size} process(es) on "
             f"{ctx.device_type} | {cfg.batch_tokens:,} tokens/step = {ctx.world_size} x "
             f"{self.loader.grad_accum_steps} x {cfg.micro_batch} x {cfg.seq_len} | {cfg.dtype} | "
             f"compile {'on' if self.compiled is not self.model else 'off'} | bf16 peak {peak}"

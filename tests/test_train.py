@@ -3,6 +3,7 @@ the LR schedule, MFU, checkpoints, logs and every one-line error of train.py."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model
 from gpt2.config import TrainConfig, build_parser, config_from_args
 from gpt2.errors import UserError
 from gpt2.metrics import datasheet_peak, device_peak, mfu
+from gpt2.runlog import ConsoleReporter, format_duration
 from gpt2.schedule import lr_at
 from gpt2.tokenizer import EOT_ID, get_encoding
 from gpt2.trainer import NonFiniteLoss, StopRequest, train
@@ -167,8 +169,9 @@ def test_mfu_is_flops_per_token_times_throughput_over_peak():
 
 
 def test_ddp_on_two_ranks_equals_gradient_accumulation_in_one_process(synthetic: Path, tmp_path: Path):
-    """torchrun with 1 micro-step per rank vs 1 process with 2 micro-steps: the same global batches and losses."""
-    run = dict(max_steps=6, eval_every=3, val_tokens=1024, micro_batch=2, batch_tokens=128)
+    """torchrun with 1 micro-step per rank vs 1 process with 2 micro-steps: the same global batches and losses;
+    and the two-rank run's checkpoint continues in one process as if it had been one all along."""
+    run = dict(max_steps=6, eval_every=3, val_tokens=1024, micro_batch=2, batch_tokens=128, save_every=3)
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
          *cli_flags(synthetic, tmp_path / "ddp", **run)],
@@ -192,6 +195,13 @@ def test_ddp_on_two_ranks_equals_gradient_accumulation_in_one_process(synthetic:
     w_one = load_checkpoint(tmp_path / "single" / "ckpt_000006.pt")["model"]
     for name, tensor in w_one.items():
         torch.testing.assert_close(w_ddp[name], tensor, rtol=1e-4, atol=1e-6)
+
+    # A different world size resumes the same run: one process continues the two-rank run from step 3.
+    branch = Capture()
+    train(tiny(synthetic, tmp_path / "resized", **{**run, "resume": str(tmp_path / "ddp" / "ckpt_000003.pt")}), branch)
+    resized, reference = losses(branch.records), losses(single.records)
+    assert sorted(resized) == [3, 4, 5]
+    assert all(resized[s] == pytest.approx(reference[s], rel=1e-5) for s in resized)
 
 
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(synthetic: Path, tmp_path: Path, straight: list[dict]):
@@ -344,6 +354,20 @@ def test_log_records_and_checkpoints_keep_last(synthetic: Path, tmp_path: Path):
 
     flops = GPT(tiny(synthetic, tmp_path).model_config()).flops_per_token(32)
     assert rec["mfu"] == pytest.approx(flops * rec["tok_per_s"] / 1e9)
+
+
+def test_console_shows_one_line_per_step_with_an_eta_that_ignores_the_compile_step():
+    stream = io.StringIO()
+    console = ConsoleReporter(max_steps=100, stream=stream)
+    rec = dict(kind="train", loss=5.0, lr=6e-4, grad_norm=0.5, tokens=0, tok_per_s=1e4, mfu=0.4)
+    console.record({**rec, "step": 0, "dt_ms": 60_000.0})  # compilation
+    console.record({**rec, "step": 1, "dt_ms": 100.0})
+    console.record({"step": 2, "kind": "val", "loss": 4.25})
+    first, second, val = stream.getvalue().splitlines()
+    assert first.startswith("step      0/100 | loss 5.000000") and "mfu 40.0%" in first and "eta 1h39m" in first
+    assert second.endswith("eta 10s")  # 98 steps x 100 ms
+    assert val == "step      2 | val loss 4.2500"
+    assert format_duration(3725) == "1h02m" and format_duration(75) == "1m15s"
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(synthetic: Path, tmp_path: Path):
