@@ -19,6 +19,7 @@ import torch
 
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model
 from gpt2.config import TrainConfig, build_parser, config_from_args
+from gpt2.data import ValLoader
 from gpt2.errors import UserError
 from gpt2.metrics import datasheet_peak, device_peak, mfu
 from gpt2.runlog import ConsoleReporter, format_duration
@@ -322,6 +323,36 @@ def test_hellaswag_in_the_loop_matches_the_evaluator_on_the_checkpoint(synthetic
     model, _ = load_model(tmp_path / "ckpt_000002.pt")
     expected = evaluate(model, load_examples(data, limit=12), DistContext(), dtype="fp32")
     assert (records[1]["acc"], records[1]["acc_norm"]) == (expected.acc, expected.acc_norm)
+
+
+def test_init_from_a_hugging_face_directory_starts_from_its_weights(synthetic: Path, tmp_path: Path):
+    """--init-from DIR: the pretrained weights, vocabulary padded to a multiple of 64, scored unchanged at step 0."""
+    from gpt2.distributed import DistContext
+    from gpt2.hf import export_hf
+    from gpt2.model import GPT, GPTConfig
+    from gpt2.trainer import evaluate_loss
+
+    torch.manual_seed(1)
+    pretrained = GPT(GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=2, n_embd=32))
+    export_hf(pretrained, tmp_path / "hf")
+    cap = Capture()
+    arch = dict(n_layer=None, n_head=None, n_embd=None, block_size=None, vocab_size=None)
+    train(
+        tiny(
+            synthetic,
+            tmp_path / "run",
+            **arch,
+            init_from=str(tmp_path / "hf"),
+            max_steps=1,
+            warmup_steps=1,
+            eval_every=1,
+        ),
+        cap,
+    )
+    expected = evaluate_loss(pretrained, ValLoader(synthetic, 32, 1024, 2, vocab_size=300), DistContext(), "fp32")
+    assert losses(cap.records, "val")[0] == pytest.approx(expected, rel=1e-6)
+    config = load_checkpoint(tmp_path / "run" / "ckpt_000001.pt")["config"]
+    assert (config["vocab_size"], config["vocab_multiple"], config["n_embd"]) == (300, 64, 32)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
