@@ -65,7 +65,9 @@ class TrainConfig:
     num_samples: int = _opt(4, "text samples per sampling")
     max_new_tokens: int = _opt(32, "tokens generated per text sample")
     hellaswag_every: int = _opt(0, "HellaSwag accuracy every N steps and at the end (0: never)")
-    hellaswag_data: str = _opt("data/hellaswag/hellaswag_val.jsonl", "HellaSwag validation jsonl")
+    hellaswag_data: str | None = _opt(
+        None, "HellaSwag JSONL (default: download the val set into data/hellaswag/, as eval_hellaswag.py does)"
+    )
     hellaswag_limit: int | None = _opt(None, "score only the first N HellaSwag examples")
     # checkpoints and logs
     save_every: int = _opt(5000, "write a checkpoint every N steps (and always at the end; 0: only at the end)")
