@@ -119,6 +119,8 @@ class TrainConfig:
         if self.init_from is not None and any(getattr(self, n) is not None for n in ARCH_OVERRIDES):
             raise UserError("--init-from takes the pretrained model's architecture; drop the architecture overrides")
         self.peak_flops()  # validates --peak-tflops
+        if self.init_from is None:
+            self.model_config()  # validates the architecture (e.g. --n-embd divisible by --n-head)
 
     def model_config(self) -> GPTConfig:
         """The architecture to train from scratch: the preset, the overrides, the vocabulary padded to 64."""

@@ -480,6 +480,7 @@ def strip_flags(args: list[str], names: list[str]) -> list[str]:
         (dict(batch_tokens=100), "--batch-tokens 100 must be a multiple of --seq-len 32 x --micro-batch 2"),
         (dict(micro_batch=3), "--batch-tokens 128 must be a multiple of --seq-len 32 x --micro-batch 3"),
         (dict(warmup_steps=30), "--warmup-steps 30 exceeds --max-steps 20"),
+        (dict(n_embd=33), "invalid architecture: n_embd (33) must be divisible by n_head (2)"),
         (dict(resume="never_written.pt"), "never_written.pt does not exist"),
         (dict(sample_every=5), "--sample-prompt \"Hello, I'm a language model,\" has token ids outside the model's"),
         (dict(sample_every=5, sample_prompt="a", max_new_tokens=64), "--max-new-tokens 64 exceeds the model's block"),
