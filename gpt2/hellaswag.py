@@ -45,6 +45,7 @@ from tqdm import tqdm
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model, model_from_checkpoint, unwrap
 from gpt2.distributed import DistContext, all_reduce_sum, autocast, barrier, destroy_distributed, init_distributed
 from gpt2.errors import UserError
+from gpt2.hf import is_hub_id
 from gpt2.model import GPT
 from gpt2.tokenizer import get_encoding
 
@@ -170,6 +171,11 @@ def ensure_val(data_dir: str | Path = DEFAULT_DATA_DIR, *, url: str = VAL_URL, t
         raise UserError(f"downloaded {url} has sha256 {digest}, expected {VAL_SHA256}; not using it")
     os.replace(tmp, path)
     return path
+
+
+def load_eval_examples(data: str | Path | None, limit: int | None, ctx: DistContext) -> list[Example]:
+    """The examples to score on every rank: from ``data``, or the canonical val set (downloaded by rank 0 only)."""
+    return load_examples(_on_main(lambda: data or ensure_val(), ctx), limit)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -498,9 +504,12 @@ class EvalConfig:
 
 
 def is_run_dir(target: str | Path) -> bool:
-    """A directory of ``ckpt_*.pt`` files (a Hugging Face model directory has a config.json instead)."""
+    """A directory for ``ckpt_*.pt`` files: not a Hugging Face model directory (it has a config.json), nor
+    a hub id that happens to name a folder without checkpoints (``gpt2`` is also this package's folder)."""
     path = Path(target)
-    return path.is_dir() and not (path / "config.json").exists()
+    if not path.is_dir() or (path / "config.json").exists():
+        return False
+    return bool(find_checkpoints(path)) or not is_hub_id(str(target))
 
 
 def run(cfg: EvalConfig, report: Callable[[str], None] = print) -> list[HellaSwagResult]:
@@ -520,11 +529,13 @@ def run(cfg: EvalConfig, report: Callable[[str], None] = print) -> list[HellaSwa
     ctx = init_distributed(cfg.device)
     say = report if ctx.is_main else (lambda line: None)
     try:
-        examples = load_examples(_on_main(lambda: cfg.data or ensure_val(), ctx), cfg.limit)
+        examples = load_eval_examples(cfg.data, cfg.limit, ctx)
         if not run_mode:
             return [_score_target(cfg, examples, ctx, say)]
         if cfg.watch:
             say(f"watching {cfg.target} for new checkpoints every {cfg.interval:g}s (Ctrl-C to stop)")
+        elif not find_checkpoints(cfg.target):
+            raise UserError(f"{cfg.target} holds no ckpt_*.pt checkpoints and is not a Hugging Face model directory")
         state = RunState()
         results = score_run(cfg, examples, ctx, say, state)
         if not results and not cfg.watch:

@@ -21,7 +21,17 @@ from torch.nn import functional as F
 from gpt2.checkpoint import checkpoint_path, model_payload, save_checkpoint
 from gpt2.distributed import DistContext
 from gpt2.errors import UserError
-from gpt2.hellaswag import SCORES_FILE, VAL_SHA256, EvalConfig, Example, ensure_val, evaluate, load_examples, run
+from gpt2.hellaswag import (
+    SCORES_FILE,
+    VAL_SHA256,
+    EvalConfig,
+    Example,
+    ensure_val,
+    evaluate,
+    is_run_dir,
+    load_examples,
+    run,
+)
 from gpt2.tokenizer import get_encoding
 
 
@@ -202,6 +212,16 @@ def test_run_directory_is_scored_incrementally(tmp_path):
     (run_dir / "ckpt_000040.pt.tmp").write_bytes(b"half-written")  # a checkpoint being saved: never read
     assert len(run(cfg, report=lines.append)) == 1
     assert [json.loads(line)["step"] for line in (run_dir / SCORES_FILE).read_text().splitlines()] == [10, 20, 30]
+
+
+def test_which_targets_are_run_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("gpt2").mkdir()  # like this repository's package folder: `eval_hellaswag.py gpt2` means the hub id
+    Path("hf").mkdir()
+    Path("hf/config.json").write_text("{}")
+    Path("new-run").mkdir()
+    save_tiny_checkpoint(Path("gpt2-xl"), 1, seed=0)  # a hub id's name, but it holds checkpoints
+    assert [is_run_dir(t) for t in ("gpt2", "hf", "new-run", "gpt2-xl", "missing")] == [False, False, True, True, False]
 
 
 def wait_for(predicate, timeout: float = 60.0) -> None:
