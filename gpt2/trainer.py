@@ -452,8 +452,13 @@ class Trainer:
             return every > 0 and (step % every == 0 or last)
 
         if self.val_loader is not None and due(cfg.eval_every):
-            self.val_loss = evaluate_loss(self.compiled, self.val_loader, ctx, cfg.dtype)
-            self.report({"step": step, "kind": "val", "loss": self.val_loss})
+            val_loss = evaluate_loss(self.compiled, self.val_loader, ctx, cfg.dtype)
+            if not math.isfinite(val_loss):
+                raise NonFiniteLoss(
+                    f"non-finite validation loss {val_loss} at step {step}; stopping ({self._last_good()})"
+                )
+            self.val_loss = val_loss
+            self.report({"step": step, "kind": "val", "loss": val_loss})
         if self.hellaswag_examples is not None and due(cfg.hellaswag_every):
             from gpt2.hellaswag import evaluate
 

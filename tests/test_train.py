@@ -415,21 +415,22 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(synthetic: Pat
 
 
 @pytest.mark.parametrize(
-    "lr, save_every, message",
+    "lr, save_every, eval_every, message",
     [
-        (1e30, 2, r"non-finite loss nan, gradient norm nan at step 5"),  # huge weights: the forward overflows
-        (1e39, 1, r"non-finite weights after step 5"),  # beyond float32: the update overflows the weights
+        (1e30, 2, 0, r"non-finite loss nan, gradient norm nan at step 5"),  # huge weights: the forward overflows
+        (1e39, 1, 0, r"non-finite weights after step 5"),  # beyond float32: the update overflows the weights
+        (1e39, 0, 5, r"non-finite validation loss nan at step 5"),  # evaluated before anything is saved
     ],
 )
 def test_non_finite_training_stops_naming_the_step_and_keeps_the_last_checkpoint(
-    synthetic: Path, tmp_path: Path, lr: float, save_every: int, message: str
+    synthetic: Path, tmp_path: Path, lr: float, save_every: int, eval_every: int, message: str
 ):
     train(tiny(synthetic, tmp_path, max_steps=4, save_every=2))
     before = (tmp_path / "ckpt_000004.pt").read_bytes()
     # An absurd learning rate from step 4 on blows the model up.
     expected = message + r"; stopping \(the last good checkpoint .*ckpt_000004.pt is untouched\)"
     with pytest.raises(NonFiniteLoss, match=expected):
-        train(tiny(synthetic, tmp_path, max_steps=8, save_every=save_every, lr=lr, min_lr=lr))
+        train(tiny(synthetic, tmp_path, max_steps=8, save_every=save_every, eval_every=eval_every, lr=lr, min_lr=lr))
     assert [s for s, _ in find_checkpoints(tmp_path)] == [2, 4]
     assert (tmp_path / "ckpt_000004.pt").read_bytes() == before
 
