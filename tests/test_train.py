@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_python
 
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model
 from gpt2.config import TrainConfig, build_parser, config_from_args
@@ -26,9 +27,8 @@ from gpt2.runlog import ConsoleReporter, format_duration
 from gpt2.schedule import lr_at
 from gpt2.tokenizer import EOT_ID, get_encoding
 from gpt2.trainer import NonFiniteLoss, StopRequest, train
-from tests.conftest import ROOT, run_python
 
-# A model that trains at ~100 steps/s on a CPU: 2 layers, 32 wide, a 256-token vocabulary (synthetic data).
+# A model whose steps take milliseconds on a CPU: 2 layers, 32 wide, a 256-token vocabulary (synthetic data).
 TINY = dict(
     n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=256, seq_len=32, micro_batch=2, batch_tokens=128,
     warmup_steps=2, max_steps=20, eval_every=0, val_tokens=1024, sample_every=0, save_every=0,
