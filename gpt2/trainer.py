@@ -46,6 +46,7 @@ from gpt2.tokenizer import get_encoding
 
 LOG_FILE = "log.jsonl"
 TRAINING_STATE = ("optimizer", "loader", "rng", "train_config")
+OTHER_STOP = 1000  # a stop requested by code rather than by a signal (signal numbers are smaller)
 
 
 class NonFiniteLoss(UserError):
@@ -65,22 +66,23 @@ class TrainResult:
 class StopRequest:
     """A request to stop gracefully: the loop finishes its step, writes a checkpoint and returns.
 
-    ``catch_signals`` turns SIGTERM and SIGINT into such a request (a second SIGINT interrupts at once).
+    ``catch_signals`` turns SIGTERM and SIGINT into such a request; Ctrl-C once a stop is under way
+    interrupts at once (without a checkpoint).
     """
 
     def __init__(self) -> None:
         self.reason: str | None = None
 
     def request(self, reason: str) -> None:
-        self.reason = reason
+        """Ask to stop; the first reason is the one reported."""
+        self.reason = self.reason or reason
 
     @contextlib.contextmanager
     def catch_signals(self) -> Iterator[StopRequest]:
         def handler(signum: int, frame: Any) -> None:
-            name = signal.Signals(signum).name
-            if name == "SIGINT" and self.reason == "SIGINT":
+            if signum == signal.SIGINT and self.reason is not None:
                 raise KeyboardInterrupt
-            self.request(name)
+            self.request(signal.Signals(signum).name)
 
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -440,10 +442,16 @@ class Trainer:
 
     def _agree_on_stop(self) -> None:
         """Under torchrun a signal may reach some ranks only (or a step later): stop together or not at all."""
-        if self.ctx.is_distributed:
-            flag_ = torch.tensor([float(self.stop.reason is not None)], device=self.ctx.device)
-            if all_reduce_sum(flag_, self.ctx).item() > 0 and self.stop.reason is None:
-                self.stop.request("a signal on another rank")
+        if not self.ctx.is_distributed:
+            return
+        # Every rank adopts the same reason (the highest signal number seen), so all exit with the same code.
+        reason = self.stop.reason
+        code = signal.Signals[reason].value if reason in signal.Signals.__members__ else OTHER_STOP * bool(reason)
+        agreed = torch.tensor([code], device=self.ctx.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        code = int(agreed.item())
+        if code and reason is None:
+            self.stop.request(signal.Signals(code).name if code != OTHER_STOP else "a stop request on another rank")
 
     def _evaluate(self, step: int, last: bool) -> None:
         cfg, ctx = self.cfg, self.ctx

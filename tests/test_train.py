@@ -260,6 +260,43 @@ def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(synthetic:
     assert losses(read_log(tmp_path / "run")) == losses(read_log(tmp_path / "straight"))
 
 
+def worker_pid(parent: int, rank: int) -> int:
+    """The pid of torchrun worker ``rank`` among the children of process ``parent`` (Linux /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile, or not ours to read
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker of rank {rank} under pid {parent}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(synthetic: Path, tmp_path: Path):
+    run = dict(max_steps=100, batch_tokens=256, save_every=1000)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               *cli_flags(synthetic, tmp_path / "run", **run)]  # fmt: skip
+    env = {**os.environ, **ONE_THREAD}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step      2/"):
+            os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)  # rank 0, which logs and saves, gets nothing
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, stdout  # torchrun passes on its workers' 143
+    assert "stopped by SIGTERM after step" in stdout  # rank 0 adopted rank 1's signal and stopped with it
+    (stopped_at, path), = find_checkpoints(tmp_path / "run")  # fmt: skip
+    assert 3 <= stopped_at < 100 and len(losses(read_log(tmp_path / "run"))) == stopped_at
+
+    train(tiny(synthetic, tmp_path / "run", **run))  # resumed in one process
+    train(tiny(synthetic, tmp_path / "straight", **run))
+    resumed, straight = losses(read_log(tmp_path / "run")), losses(read_log(tmp_path / "straight"))
+    assert sorted(resumed) == list(range(100))
+    assert all(resumed[s] == pytest.approx(straight[s], rel=1e-5) for s in straight)
+
+
 REAL_VOCAB = 1024
 
 
