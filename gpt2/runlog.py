@@ -36,9 +36,12 @@ class JsonlLog:
             f.write(line)
 
     def read(self) -> list[dict[str, Any]]:
+        """The records so far; a last line cut short by a crash is left out (a bad line elsewhere is an error)."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from gpt2.hellaswag import read_jsonl
+
+        return [record for _, record in read_jsonl(self.path, allow_partial_tail=True)]
 
     def truncate_to(self, step: int) -> int:
         """Keep only the history of the state after ``step`` optimizer steps: train records of earlier steps,
@@ -46,7 +49,8 @@ class JsonlLog:
         many records were dropped; the file is replaced atomically."""
         records = self.read()
         kept = [r for r in records if r["step"] < step or (r["step"] == step and r["kind"] != "train" and step > 0)]
-        if len(kept) < len(records):
+        torn = self.path.exists() and not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size > 0
+        if len(kept) < len(records) or torn:  # rewrite, or the next record would be glued to the torn line
             tmp = self.path.with_name(self.path.name + ".tmp")
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)

@@ -438,15 +438,25 @@ def test_console_shows_one_line_per_step_with_an_eta_that_ignores_the_compile_st
     assert format_duration(3725) == "1h02m" and format_duration(75) == "1m15s"
 
 
+def test_a_log_line_cut_short_by_a_crash_is_dropped_on_resume(synthetic: Path, tmp_path: Path):
+    train(tiny(synthetic, tmp_path, max_steps=2, save_every=2))
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 2, "kind": "tra')
+    train(tiny(synthetic, tmp_path, max_steps=4, save_every=2))
+    assert sorted(losses(read_log(tmp_path))) == [0, 1, 2, 3]
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(synthetic: Path, tmp_path: Path):
     train(tiny(synthetic, tmp_path, max_steps=4, save_every=2))
     newest = tmp_path / "ckpt_000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # a torn write from a crashed copy
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "kind": "tra')  # and a log line the crash cut short
     cap = Capture()
     result = train(tiny(synthetic, tmp_path, max_steps=6, save_every=2), cap)
     assert any("ckpt_000004.pt cannot be loaded" in m and "falling back" in m for m in cap.messages)
     assert any("resuming from" in m and "ckpt_000002.pt at step 2" in m for m in cap.messages)
-    assert any("dropped 2 records after step 2" in m for m in cap.messages)
+    assert any("dropped 2 records after step 2" in m for m in cap.messages)  # steps 2 and 3; the torn line is no record
     assert result.step == 6 and load_checkpoint(newest)["step"] == 4  # rewritten, whole
     assert sorted(losses(read_log(tmp_path))) == list(range(6))
 
