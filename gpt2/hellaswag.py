@@ -196,6 +196,8 @@ class Prediction:
 
 @dataclass
 class HellaSwagResult:
+    """Accuracy over all ``n`` examples (every rank's share together); the same on every rank."""
+
     n: int
     acc: float
     acc_norm: float
