@@ -330,10 +330,10 @@ class Trainer:
             self.val_loader = ValLoader(cfg.data, cfg.seq_len, cfg.val_tokens, cfg.micro_batch, **placement)
         self.hellaswag_examples = None
         if cfg.hellaswag_every:
-            from gpt2.hellaswag import _on_main, ensure_val, load_examples
+            from gpt2.hellaswag import load_eval_examples
 
-            path = _on_main(lambda: cfg.hellaswag_data or ensure_val(), ctx)  # one download, on rank 0
-            self.hellaswag_examples = load_examples(path, cfg.hellaswag_limit)
+            # --hellaswag-data, or the canonical val set downloaded once, by rank 0
+            self.hellaswag_examples = load_eval_examples(cfg.hellaswag_data, cfg.hellaswag_limit, ctx)
 
     def _wrap_model(self) -> None:
         """``compiled``: the model through torch.compile (or itself); ``train_model``: that, under DDP if distributed.
