@@ -292,9 +292,14 @@ class EndingScorer(nn.Module):
         # Each chunk streams the (vocab, C) head weight once and writes chunk x vocab logits: about C rows
         # balances the two, and at least 64 rows keeps a small model's logits in cache.
         chunk = max(64, cfg.n_embd)
+        bounds = [*range(0, len(tgt), chunk), len(tgt)]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] < 8:
+            # A tiny tail joins the chunk before it: a one-row matmul takes another kernel (gemv), whose
+            # last bits differ, and a row's loss must not depend on where the batch happens to end.
+            del bounds[-2]
         losses = [
-            F.cross_entropy(self.model.lm_head(h_part)[:, : cfg.vocab_size].float(), tgt_part, reduction="none")
-            for h_part, tgt_part in zip(h.split(chunk), tgt.split(chunk))
+            F.cross_entropy(self.model.lm_head(h[a:b])[:, : cfg.vocab_size].float(), tgt[a:b], reduction="none")
+            for a, b in zip(bounds, bounds[1:])
         ]
         return torch.cat(losses)
 

@@ -24,12 +24,15 @@ from gpt2.errors import UserError
 from gpt2.hellaswag import (
     SCORES_FILE,
     VAL_SHA256,
+    EndingScorer,
     EvalConfig,
     Example,
+    _batch_tensors,
     ensure_val,
     evaluate,
     is_run_dir,
     load_examples,
+    pack_example,
     run,
 )
 from gpt2.tokenizer import get_encoding
@@ -111,6 +114,20 @@ def test_batch_size_and_compiled_wrapper_never_change_a_bit():
         for m, bs in [(model, 1), (model, 7), (model, 64), (torch.compile(model), 16)]
     ]
     assert all(r == runs[0] for r in runs[1:])  # dataclass equality: every float bit-identical
+
+
+@torch.no_grad()
+def test_a_rows_loss_does_not_depend_on_where_the_batch_ends():
+    """A batch whose targets leave one row after the last full LM-head chunk (a one-row matmul is a gemv)."""
+    model = tiny_model().eval()
+    scorer = EndingScorer(model)  # head chunks of 64 rows
+    rows = [pack_example(e, model.config.block_size) for e in make_examples(200, seed=7)]
+    rows = [r for r in rows if r.bucket_len == rows[0].bucket_len]  # one batch: one bucket
+    subsets = ([r for i, r in enumerate(rows[:k]) if i != j] for k in range(2, len(rows)) for j in range(k))
+    batch = next(b for b in subsets if sum(len(r.targets) for r in b) % 64 == 1)
+    batched = scorer(*_batch_tensors(batch, "cpu")).split([len(r.targets) for r in batch])
+    for row, losses in zip(batch, batched):
+        assert torch.equal(losses, scorer(*_batch_tensors([row], "cpu")))
 
 
 def test_compiled_scorer_agrees_with_eager():
