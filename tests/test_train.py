@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -236,19 +237,32 @@ def test_resume_from_a_given_checkpoint_into_a_new_run_directory(synthetic: Path
     assert losses(branch.records) == {s: loss for s, loss in losses(read_log(tmp_path / "a")).items() if s >= 2}
 
 
+def signal_after_step_2(command: list[str], env: dict, send: Callable[[subprocess.Popen], None]) -> tuple[int, str]:
+    """Run ``command``; once it reports step 2, ``send`` it a signal; return its exit code and all its output."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("step      2/"):
+                send(proc)
+                break
+        rest, _ = proc.communicate(timeout=120)
+        return proc.returncode, "".join(seen) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(synthetic: Path, tmp_path: Path):
     """Steps made slower (4 micro-steps) so the signal lands mid-run; the result equals an uninterrupted run."""
     run = dict(max_steps=100, batch_tokens=256, save_every=1000)
     command = [sys.executable, "train.py", *cli_flags(synthetic, tmp_path / "run", **run)]
     env = {**os.environ, **ONE_THREAD}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("step      2/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert "stopped by SIGTERM after step" in stdout and "run the same command again to resume" in stdout
+    returncode, output = signal_after_step_2(command, env, lambda proc: proc.send_signal(signal.SIGTERM))
+    assert returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM after step" in output and "run the same command again to resume" in output
     (stopped_at, path), = find_checkpoints(tmp_path / "run")  # fmt: skip
     assert 3 <= stopped_at < 100 and load_checkpoint(path)["step"] == stopped_at
     assert len(losses(read_log(tmp_path / "run"))) == stopped_at
@@ -279,14 +293,12 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(synthetic: Path, 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                *cli_flags(synthetic, tmp_path / "run", **run)]  # fmt: skip
     env = {**os.environ, **ONE_THREAD}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("step      2/"):
-            os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)  # rank 0, which logs and saves, gets nothing
-            break
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0, stdout  # torchrun passes on its workers' 143
-    assert "stopped by SIGTERM after step" in stdout  # rank 0 adopted rank 1's signal and stopped with it
+    # Only rank 1 is signalled; rank 0, which logs and saves, hears of it through the ranks' agreement.
+    returncode, output = signal_after_step_2(
+        command, env, lambda proc: os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)
+    )
+    assert returncode != 0, output  # torchrun passes on its workers' 143
+    assert "stopped by SIGTERM after step" in output  # rank 0 adopted rank 1's signal and stopped with it
     (stopped_at, path), = find_checkpoints(tmp_path / "run")  # fmt: skip
     assert 3 <= stopped_at < 100 and len(losses(read_log(tmp_path / "run"))) == stopped_at
 
