@@ -382,25 +382,26 @@ class Trainer:
         if step >= cfg.max_steps:
             self.say(f"nothing to do: the run is already at step {step} of --max-steps {cfg.max_steps}")
             return TrainResult(step, self.val_loss, self.last_checkpoint)
+        stop_reason = None
         while True:
             last = step == cfg.max_steps
             if step > self.start_step or step == 0:  # a resumed step's evaluations precede its checkpoint
                 self._evaluate(step, last)
-            stopping = self.stop.reason is not None and not last
+            stopping = stop_reason is not None and not last
             if step > self.start_step and (last or stopping or (cfg.save_every and step % cfg.save_every == 0)):
                 self._save(step)
             if last or stopping:
                 break
             self._train(step)
             step += 1
-            self._agree_on_stop()
+            stop_reason = self._agree_on_stop()
         if not stopping:
             return TrainResult(step, self.val_loss, self.last_checkpoint)
         self.say(
-            f"stopped by {self.stop.reason} after step {step}; newest checkpoint: {self.last_checkpoint}; "
+            f"stopped by {stop_reason} after step {step}; newest checkpoint: {self.last_checkpoint}; "
             f"run the same command again to resume"
         )
-        return TrainResult(step, self.val_loss, self.last_checkpoint, self.stop.reason)
+        return TrainResult(step, self.val_loss, self.last_checkpoint, stop_reason)
 
     def _train(self, step: int) -> None:
         cfg = self.cfg
@@ -440,18 +441,22 @@ class Trainer:
             return "no checkpoint was written"
         return f"the last good checkpoint {self.last_checkpoint} is untouched"
 
-    def _agree_on_stop(self) -> None:
-        """Under torchrun a signal may reach some ranks only (or a step later): stop together or not at all."""
-        if not self.ctx.is_distributed:
-            return
-        # Every rank adopts the same reason (the highest signal number seen), so all exit with the same code.
+    def _agree_on_stop(self) -> str | None:
+        """Why to stop after this step (None: go on), the same on every rank. The request is read once, here:
+        a signal that lands later counts at the next step, on every rank alike, or ranks would part ways."""
         reason = self.stop.reason
+        if not self.ctx.is_distributed:
+            return reason
+        # Every rank adopts the highest signal number seen, so that all exit with the same code.
         code = signal.Signals[reason].value if reason in signal.Signals.__members__ else OTHER_STOP * bool(reason)
         agreed = torch.tensor([code], device=self.ctx.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         code = int(agreed.item())
-        if code and reason is None:
-            self.stop.request(signal.Signals(code).name if code != OTHER_STOP else "a stop request on another rank")
+        if code == 0:
+            return None
+        if code == OTHER_STOP:
+            return reason or "a stop request on another rank"
+        return signal.Signals(code).name
 
     def _evaluate(self, step: int, last: bool) -> None:
         cfg, ctx = self.cfg, self.ctx
