@@ -25,5 +25,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+demo: $(STAMP)
+	PY=$(PY) bash scripts/demo.sh
+
+bench: $(STAMP)
+	$(PY) bench/bench_loader.py
+	$(PY) bench/bench_prepare.py
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_hellaswag.py
+
 clean:
 	rm -rf runs/demo data/demo

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole pipeline, offline, on the embedded sample (data/sample/): prepare shards, train a small GPT with
+# torchrun (2 CPU processes, or one per GPU), score its checkpoints on HellaSwag, sample text, plot the run.
+# Run it through `make demo`, which creates .venv first. Re-running continues where the last run stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=data/demo
+RUN=runs/demo
+
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+start=$SECONDS
+step() { printf '\n==> [%ds] %s\n' $((SECONDS - start)) "$*"; }
+
+step "prepare: tokenize data/sample into $DATA"
+"$PY" prepare_fineweb.py --input data/sample/wiki.jsonl data/sample/c4.jsonl --out "$DATA" \
+  --shard-tokens 131072 --val-tokens 65536
+
+step "train: a 4-layer GPT for 200 steps with torchrun --nproc_per_node=$NPROC, into $RUN"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train.py \
+  --data "$DATA" --out "$RUN" \
+  --n-layer 4 --n-head 4 --n-embd 64 --block-size 64 --seq-len 64 \
+  --micro-batch 16 --batch-tokens $(( NPROC >= 2 ? 1024 * NPROC : 2048 )) \
+  --max-steps 200 --warmup-steps 10 --lr 1e-2 --min-lr 1e-3 \
+  --eval-every 50 --val-tokens 16384 --save-every 50 --sample-every 100 --device auto
+
+step "evaluate: every checkpoint of $RUN on 200 HellaSwag examples"
+"$PY" eval_hellaswag.py "$RUN" --data data/sample/hellaswag_val_200.jsonl
+
+step "sample: the last checkpoint"
+"$PY" -m gpt2.sample "$RUN" --num-samples 3 --max-new-tokens 40
+
+step "plot"
+"$PY" -m gpt2.plot "$RUN" -o "$RUN/run.png"
+
+step "done in $((SECONDS - start)) s"
+cat <<OUT
+  shards            $DATA/ (manifest.json, val_000000.npy, train_*.npy)
+  checkpoints       $RUN/ckpt_*.pt
+  training log      $RUN/log.jsonl
+  HellaSwag scores  $RUN/hellaswag.jsonl
+  plot              $RUN/run.png
+OUT
