@@ -210,6 +210,12 @@ def write(directory: Path, name: str, array: np.ndarray) -> Path:
     return directory
 
 
+def truncate(path: Path) -> Path:
+    """A shard cut short, as by a copy or download that died half-way."""
+    path.write_bytes(path.read_bytes()[:1000])
+    return path.parent
+
+
 @pytest.mark.parametrize(
     ("build", "match"),
     [
@@ -219,6 +225,10 @@ def write(directory: Path, name: str, array: np.ndarray) -> Path:
         (lambda d: write(d, "train_000001.npy", np.zeros((9, 9), np.uint16)), r"\(9, 9\); expected a 1-D uint16"),
         (lambda d: write(d, "train_000001.npy", np.zeros(32, np.uint16)), "too few for one global batch"),
         (lambda d: write(d, "train_000001.npy", np.full(99, 50257, np.uint16)), "token id 50257 at offset"),
+        (
+            lambda d: truncate(write(d, "train_000001.npy", np.zeros(999, np.uint16)) / "train_000001.npy"),
+            "cannot read",
+        ),
     ],
 )
 def test_bad_train_data_is_one_clear_error(tmp_path: Path, build, match: str) -> None:
