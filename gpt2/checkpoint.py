@@ -8,7 +8,6 @@ training state the trainer adds. Files are ``<run>/ckpt_<step:06d>.pt``, written
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from gpt2.atomic import atomic_write
 from gpt2.errors import UserError
 from gpt2.hf import is_hub_id
 from gpt2.model import GPT, GPTConfig
@@ -54,22 +54,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` with ``torch.save`` atomically: a reader sees the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def model_payload(model: nn.Module, step: int) -> dict[str, Any]:

@@ -42,6 +42,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from gpt2.atomic import atomic_write_text
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model, model_from_checkpoint, unwrap
 from gpt2.distributed import DistContext, all_reduce_sum, autocast, barrier, destroy_distributed, init_distributed
 from gpt2.errors import UserError
@@ -470,18 +471,6 @@ def _on_main(fn: Callable[[], T], ctx: DistContext) -> T:
 # Files and the command line
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace ``path`` with ``text``: a reader sees the old file or the whole new one, never a torn write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _jsonl(records: Iterable[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
 
@@ -568,9 +557,9 @@ def _score_target(
         if cfg.out:
             summary = {"target": str(cfg.target), "step": info["step"], "n": result.n, "acc": result.acc,
                        "acc_norm": result.acc_norm, "seconds": round(result.seconds, 3)}  # fmt: skip
-            write_text_atomic(cfg.out, json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(cfg.out, json.dumps(summary, indent=2) + "\n")
         if cfg.predictions:
-            write_text_atomic(cfg.predictions, _jsonl(asdict(p) for p in result.predictions))
+            atomic_write_text(cfg.predictions, _jsonl(asdict(p) for p in result.predictions))
     return result
 
 
@@ -614,7 +603,7 @@ def score_run(
         result = _evaluate_with(state.scorer, examples, ctx, cfg.batch_size, cfg.dtype, cfg.progress, False)
         if ctx.is_main:
             record = {"step": step, "acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
-            write_text_atomic(run_dir / SCORES_FILE, _jsonl([*read_scores(run_dir), record]))
+            atomic_write_text(run_dir / SCORES_FILE, _jsonl([*read_scores(run_dir), record]))
             say(f"step {step}: {result.summary()}")
         barrier(ctx)
         results.append(result)

@@ -10,11 +10,11 @@ against step from ``<run>/log.jsonl``, and HellaSwag acc_norm against step from 
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt2.atomic import atomic_write
 from gpt2.errors import UserError, run_cli
 from gpt2.hellaswag import SCORES_FILE, read_jsonl, read_scores
 
@@ -112,12 +112,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else Path(run_dir) / "run.png"
     fig = draw_run(read_run(run_dir), title=str(run_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
     import matplotlib.pyplot as plt
 
     plt.close(fig)

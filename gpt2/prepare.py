@@ -33,11 +33,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from glob import glob
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 
+from gpt2.atomic import atomic_write
 from gpt2.errors import UserError
 from gpt2.tokenizer import EOT_ID, RANKS_SHA256, get_encoding
 
@@ -563,23 +564,8 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Temp file, fsync, rename, fsync the directory: after a crash the old file or the whole new one is there."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    _atomic_write(out / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
+    atomic_write(out / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
 
 
 def _is_output_file(name: str) -> bool:
@@ -742,7 +728,7 @@ class _ShardWriter:
 
     def _write(self, tokens: np.ndarray, entry: dict[str, Any], start: Position, next_start: Position) -> None:
         path = self.cfg.out / entry["file"]
-        _atomic_write(path, lambda f: np.save(f, tokens))
+        atomic_write(path, lambda f: np.save(f, tokens))
         entry.update(sha256=file_sha256(path), start=asdict(start))
         self.manifest["shards"].append(entry)
         self.manifest.update(next=asdict(next_start), **_counts(next_start))

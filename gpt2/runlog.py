@@ -11,9 +11,10 @@ Record kinds (one JSON object per line, written by rank 0 only):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+from gpt2.atomic import atomic_write_text
 
 
 class Reporter(Protocol):
@@ -51,12 +52,7 @@ class JsonlLog:
         kept = [r for r in records if r["step"] < step or (r["step"] == step and r["kind"] != "train" and step > 0)]
         torn = self.path.exists() and not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size > 0
         if len(kept) < len(records) or torn:  # rewrite, or the next record would be glued to the torn line
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
         return len(records) - len(kept)
 
 
