@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gpt2.atomic import atomic_write
 from gpt2.errors import UserError
+from gpt2.files import atomic_write
 from gpt2.hf import is_hub_id
 from gpt2.model import GPT, GPTConfig
 

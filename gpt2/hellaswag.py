@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 import urllib.error
 import urllib.request
@@ -42,10 +41,10 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from gpt2.atomic import atomic_write_text
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model, model_from_checkpoint, unwrap
 from gpt2.distributed import DistContext, all_reduce_sum, autocast, barrier, destroy_distributed, init_distributed
 from gpt2.errors import UserError
+from gpt2.files import atomic_write, atomic_write_text, file_sha256
 from gpt2.hf import is_hub_id
 from gpt2.model import GPT
 from gpt2.tokenizer import get_encoding
@@ -137,40 +136,30 @@ def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
     return examples
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def ensure_val(data_dir: str | Path = DEFAULT_DATA_DIR, *, url: str = VAL_URL, timeout: float = 30.0) -> Path:
     """The canonical HellaSwag validation file in ``data_dir``, downloaded and sha256-checked on first use."""
     data_dir = Path(data_dir)
     path = data_dir / Path(VAL_URL).name
-    if path.is_file() and sha256_file(path) == VAL_SHA256:
+    if path.is_file() and file_sha256(path) == VAL_SHA256:
         return path
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+
+    def download(f) -> None:  # hashed as it streams; a mismatch raises before the rename, leaving nothing
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             while chunk := response.read(1 << 20):
+                digest.update(chunk)
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        if digest.hexdigest() != VAL_SHA256:
+            raise UserError(f"downloaded {url} has sha256 {digest.hexdigest()}, expected {VAL_SHA256}; not using it")
+
+    try:
+        atomic_write(path, download)
     except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
         raise UserError(
             f"cannot download HellaSwag from {url} ({reason}); "
             "pass --data FILE.jsonl with a local copy of hellaswag_val.jsonl"
         ) from None
-    digest = sha256_file(tmp)
-    if digest != VAL_SHA256:
-        tmp.unlink()
-        raise UserError(f"downloaded {url} has sha256 {digest}, expected {VAL_SHA256}; not using it")
-    os.replace(tmp, path)
     return path
 
 

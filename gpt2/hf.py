@@ -7,12 +7,12 @@ ours are ``nn.Linear`` (out, in), so those four are transposed both ways. Everyt
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from gpt2.errors import UserError
+from gpt2.files import atomic_write, atomic_write_text
 from gpt2.model import GPT, GPTConfig
 from gpt2.tokenizer import EOT_ID, EOT_TOKEN, get_encoding
 
@@ -141,16 +141,14 @@ def export_hf(model: GPT, out_dir: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads,
     and GPT-2's ``vocab.json`` + ``merges.txt`` for ``AutoTokenizer``."""
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError:
         raise UserError("export needs safetensors: pip install 'gpt2[hf]'") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().float().cpu() for k, v in to_hf_state_dict(model).items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(weights, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+    atomic_write(out / "model.safetensors", lambda f: f.write(save(weights, metadata={"format": "pt"})))
+    atomic_write_text(out / "config.json", json.dumps(hf_config(model.config), indent=2) + "\n")
     write_hf_tokenizer(out)
     return out
 
@@ -184,9 +182,9 @@ def write_hf_tokenizer(out_dir: Path) -> None:
     spell = lambda token: "".join(to_unicode[b] for b in token)
     vocab = {spell(token): rank for token, rank in ranks.items()} | {EOT_TOKEN: EOT_ID}
     merges = [_merge_of(token, ranks) for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]) if len(token) > 1]
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     lines = ["#version: 0.2", *(f"{spell(a)} {spell(b)}" for a, b in merges)]
-    (out_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "merges.txt", "\n".join(lines) + "\n")
     tokenizer_config = {
         "model_max_length": 1024,
         "tokenizer_class": "GPT2Tokenizer",
@@ -195,4 +193,4 @@ def write_hf_tokenizer(out_dir: Path) -> None:
         "unk_token": EOT_TOKEN,
         "add_prefix_space": False,
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")

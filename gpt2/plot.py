@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2.atomic import atomic_write
 from gpt2.errors import UserError, run_cli
+from gpt2.files import atomic_write
 from gpt2.hellaswag import SCORES_FILE, read_jsonl, read_scores
 
 LOG_FILE = "log.jsonl"

@@ -18,7 +18,6 @@ the result is byte-identical to an uninterrupted run, whatever the batch size or
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib
 import json
 import logging
@@ -38,8 +37,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from gpt2.atomic import atomic_write
 from gpt2.errors import UserError
+from gpt2.files import atomic_write, file_sha256
 from gpt2.tokenizer import EOT_ID, RANKS_SHA256, get_encoding
 
 log = logging.getLogger(__name__)
@@ -554,14 +553,6 @@ def _tokenized(units: Iterator[Unit], workers: int) -> Iterator[tuple[np.ndarray
 def shard_name(index: int) -> str:
     """Shard 0 is the validation split; the training shards follow from 1."""
     return f"{'val' if index == 0 else 'train'}_{index:06d}.npy"
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:

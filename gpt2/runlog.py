@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from gpt2.atomic import atomic_write_text
+from gpt2.files import atomic_write_text
 
 
 class Reporter(Protocol):

@@ -57,7 +57,7 @@ def read_output(out: Path, shard_tokens: int, val_tokens: int) -> tuple[dict, np
         assert a.dtype == np.uint16 and a.ndim == 1 and len(a) == s["tokens"]
     assert [len(a) for a in arrays[:-1]] == [val_tokens] + [shard_tokens] * (len(arrays) - 2)
     assert 0 < len(arrays[-1]) <= shard_tokens
-    from gpt2.prepare import file_sha256
+    from gpt2.files import file_sha256
 
     assert all(file_sha256(out / s["file"]) == s["sha256"] for s in shards)
     return manifest, np.concatenate(arrays)
