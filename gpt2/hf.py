@@ -7,6 +7,7 @@ ours are ``nn.Linear`` (out, in), so those four are transposed both ways. Everyt
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,12 +31,12 @@ def is_hub_id(name: str) -> bool:
     return name in HUB_IDS or name in HUB_IDS.values()
 
 
-def load_hf_model(name_or_path: str | Path) -> GPT:
+def load_hf_model(name_or_path: str | Path, vocab_multiple: int = 1) -> GPT:
     """Build a ``GPT`` from a Hugging Face GPT-2 directory, or from a hub id downloaded into the HF cache."""
     path = Path(name_or_path)
     if not (path / "config.json").is_file():  # a hub id, even where a folder of that name exists
         path = _download(str(name_or_path))
-    config = _read_config(path)
+    config = replace(_read_config(path), vocab_multiple=vocab_multiple)
     model = GPT(config)
     model.load_state_dict(from_hf_state_dict(_read_weights(path), config))
     return model

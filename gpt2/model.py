@@ -190,8 +190,9 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path) -> GPT:
-        """OpenAI GPT-2 weights from a Hugging Face hub id (``gpt2`` ... ``gpt2-xl``) or a local HF directory."""
+    def from_pretrained(cls, name_or_path: str | Path, vocab_multiple: int = 1) -> GPT:
+        """OpenAI GPT-2 weights from a Hugging Face hub id (``gpt2`` ... ``gpt2-xl``) or a local HF directory;
+        ``vocab_multiple`` pads the embedding table (with zero rows, never used) as ``GPTConfig`` describes."""
         from gpt2.hf import load_hf_model
 
-        return load_hf_model(name_or_path)
+        return load_hf_model(name_or_path, vocab_multiple)

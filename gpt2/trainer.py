@@ -16,7 +16,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,21 +225,8 @@ def build_model(cfg: TrainConfig, ckpt: dict[str, Any] | None, source: Path | No
     if ckpt is not None:
         return model_from_checkpoint(ckpt, source)
     if cfg.init_from is not None:
-        return pad_vocab(GPT.from_pretrained(cfg.init_from), PADDED_VOCAB_MULTIPLE)
+        return GPT.from_pretrained(cfg.init_from, vocab_multiple=PADDED_VOCAB_MULTIPLE)
     return GPT(cfg.model_config())
-
-
-def pad_vocab(model: GPT, multiple: int) -> GPT:
-    """The same model with its embedding table padded to a multiple of ``multiple`` rows (zeros, never used)."""
-    config = replace(model.config, vocab_multiple=multiple)
-    if config.padded_vocab_size == model.config.padded_vocab_size:
-        return model
-    padded = GPT(config)
-    state = model.state_dict()
-    wte = torch.zeros_like(padded.transformer.wte.weight)
-    wte[: model.config.padded_vocab_size] = state["transformer.wte.weight"]
-    padded.load_state_dict({**state, "transformer.wte.weight": wte, "lm_head.weight": wte})
-    return padded
 
 
 def gather_rng_states(ctx: DistContext) -> dict[str, list[torch.Tensor] | None]:
