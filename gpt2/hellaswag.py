@@ -5,20 +5,9 @@ the context is ``encode(ctx)``, each ending is ``encode(" " + ending)``, and eac
 is scored by the cross-entropy of its ending tokens given the context and the ending's earlier tokens.
 ``acc`` takes the argmin of the summed loss, ``acc_norm`` the argmin of the mean loss per ending token.
 
-How it is made fast without changing the numbers:
-
-* **Shared context.** An example is packed into one row ``ctx + ending0 + ... + ending3``. Each ending's
-  positions restart where the context ends, and an attention mask lets an ending see only the context and
-  its own earlier tokens, so every ending sees exactly what it would see alone, yet the context's
-  activations are computed once instead of four times. An ending's last token is only a target, so it
-  is not fed in.
-* **Logits only where scored.** The LM head (a 50257-wide matmul plus log-softmax) runs only on the
-  positions that predict an ending token, not on every position.
-* **Batches across examples, bucketed by length.** Rows are padded on the right to a multiple of
-  ``BUCKET`` tokens and batched with rows of the same bucket. Attention kernels' last bits change with
-  the padded length, so a row's length is set by the row alone, never by its batch-mates: on CPU in
-  fp32, predictions and losses are bit-identical whatever the batch size or the number of ranks (GPU
-  matmul libraries may pick kernels by batch size and move last bits). ``torch.compile`` sees few shapes.
+Scoring runs through ``gpt2.scoring``: each example is one shared-context row (the context once, the four
+endings after it), the LM head runs only where an ending token is predicted, and rows are batched by
+length, so predictions are bit-identical (CPU, fp32) whatever the batch size or the number of ranks.
 """
 
 from __future__ import annotations
@@ -26,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 import urllib.error
 import urllib.request
@@ -38,15 +26,15 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model, model_from_checkpoint, unwrap
-from gpt2.distributed import DistContext, all_reduce_sum, autocast, barrier, destroy_distributed, init_distributed
+from gpt2.distributed import DistContext, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from gpt2.errors import UserError
 from gpt2.files import atomic_write, atomic_write_text, file_sha256
 from gpt2.hf import is_hub_id
 from gpt2.model import GPT
+from gpt2.scoring import ContinuationScorer, PackedRow, RowScores, pack_row, score_rows
 from gpt2.tokenizer import get_encoding
 
 log = logging.getLogger(__name__)
@@ -56,7 +44,6 @@ VAL_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 VAL_EXAMPLES = 10042
 DEFAULT_DATA_DIR = Path("data/hellaswag")
 SCORES_FILE = "hellaswag.jsonl"  # one {"step", "acc", "acc_norm", "n"} record per scored checkpoint of a run
-BUCKET = 8  # packed rows are padded to a multiple of this many tokens
 N_ENDINGS = 4
 
 T = TypeVar("T")
@@ -200,28 +187,7 @@ class HellaSwagResult:
         return f"hellaswag acc={self.acc:.4f} acc_norm={self.acc_norm:.4f} n={self.n}"
 
 
-@dataclass(frozen=True)
-class _Packed:
-    """An example laid out in one row: ``ctx + ending0[:-1] + ... + ending3[:-1]``.
-
-    An ending's last token is only ever a target, so it is not fed in. ``predictors[j]`` is the row
-    position whose output predicts ``targets[j]``: the last context token for an ending's first token,
-    the ending's previous token for the others.
-    """
-
-    tokens: list[int]
-    positions: list[int]  # each ending restarts at len(ctx)
-    segments: list[int]  # 0 for the context, i + 1 for ending i
-    predictors: list[int]
-    targets: list[int]  # the four endings' tokens, one after the other
-    ending_lens: list[int]
-
-    @property
-    def bucket_len(self) -> int:
-        return math.ceil(len(self.tokens) / BUCKET) * BUCKET
-
-
-def pack_example(example: Example, block_size: int) -> _Packed:
+def pack_example(example: Example, block_size: int) -> PackedRow:
     """Tokenize and pack an example; the context is cut on the left until the longest ending fits the block."""
     enc = get_encoding()
     ctx = enc.encode_ordinary(example.ctx)
@@ -232,117 +198,18 @@ def pack_example(example: Example, block_size: int) -> _Packed:
             f"HellaSwag example {example.ind}: an ending of {longest} tokens "
             f"does not fit the model's block size {block_size}"
         )
-    ctx = ctx[-(block_size - longest) :]  # keep the context nearest the endings
-    tokens, positions, segments = list(ctx), list(range(len(ctx))), [0] * len(ctx)
-    predictors, targets = [], []
-    for i, ending in enumerate(endings):
-        start = len(tokens)
-        predictors += [len(ctx) - 1, *range(start, start + len(ending) - 1)]
-        targets += ending
-        tokens += ending[:-1]
-        positions += range(len(ctx), len(ctx) + len(ending) - 1)
-        segments += [i + 1] * (len(ending) - 1)
-    return _Packed(tokens, positions, segments, predictors, targets, [len(e) for e in endings])
+    return pack_row(ctx[-(block_size - longest) :], endings)  # keep the context nearest the endings
 
 
-class EndingScorer(nn.Module):
-    """Per-token cross-entropy of the ending tokens of packed rows (see the module docstring).
-
-    Wraps the plain ``GPT`` and reuses its weights; the blocks run with a mask instead of plain causal
-    attention so that the four endings share one copy of their context. ``compile`` compiles the trunk
-    (embeddings, blocks, final LayerNorm) with dynamic shapes; the LM head runs eagerly in chunks.
-    """
-
-    def __init__(self, model: GPT, compile: bool = False) -> None:
-        super().__init__()
-        self.model = model
-        self._hidden = torch.compile(self.hidden, dynamic=True) if compile else self.hidden
-
-    def hidden(self, idx: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, T, C) of tokens ``idx`` at positions ``pos`` in segments ``seg`` (B, T)."""
-        tr = self.model.transformer
-        T = idx.size(1)
-        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-        key_seg, query_seg = seg.unsqueeze(1), seg.unsqueeze(2)
-        # A query sees earlier keys of the shared context (segment 0) or of its own segment.
-        mask = (causal & ((key_seg == 0) | (key_seg == query_seg))).unsqueeze(1)  # (B, 1, T, T)
-        x = tr.wte(idx) + tr.wpe(pos)
-        for block in tr.h:
-            x = x + self._attention(block.attn, block.ln_1(x), mask)
-            x = x + block.mlp(block.ln_2(x))
-        return tr.ln_f(x)
-
-    def forward(
-        self, idx: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor
-    ) -> torch.Tensor:
-        """``idx, pos, seg``: (B, T) tokens, positions, segments (-1 for padding); ``src``: flat indices into
-        (B*T) of the positions that predict ``tgt``. Returns the fp32 loss of each target token."""
-        cfg = self.model.config
-        h = self._hidden(idx, pos, seg).flatten(0, 1)[src]
-        # Each chunk streams the (vocab, C) head weight once and writes chunk x vocab logits: about C rows
-        # balances the two, and at least 64 rows keeps a small model's logits in cache.
-        chunk = max(64, cfg.n_embd)
-        bounds = [*range(0, len(tgt), chunk), len(tgt)]
-        if len(bounds) > 2 and bounds[-1] - bounds[-2] < 8:
-            # A tiny tail joins the chunk before it: a one-row matmul takes another kernel (gemv), whose
-            # last bits differ, and a row's loss must not depend on where the batch happens to end.
-            del bounds[-2]
-        losses = [
-            F.cross_entropy(self.model.lm_head(h[a:b])[:, : cfg.vocab_size].float(), tgt[a:b], reduction="none")
-            for a, b in zip(bounds, bounds[1:])
-        ]
-        return torch.cat(losses)
-
-    @staticmethod
-    def _attention(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = attn.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return attn.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-def _batch_tensors(rows: list[_Packed], device: str) -> tuple[torch.Tensor, ...]:
-    """Right-pad rows to their common bucket length; flat indices of the positions that predict each target."""
-    T = rows[0].bucket_len
-    idx, pos, seg, src, tgt = [], [], [], [], []
-    for b, row in enumerate(rows):
-        pad = T - len(row.tokens)
-        idx.append(row.tokens + [0] * pad)
-        pos.append(row.positions + [0] * pad)
-        seg.append(row.segments + [-1] * pad)
-        src += [b * T + p for p in row.predictors]
-        tgt += row.targets
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
-    return tuple(map(as_tensor, (idx, pos, seg, src, tgt)))
-
-
-def _predict(example: Example, row: _Packed, token_losses: list[float]) -> Prediction:
-    sums, start = [], 0
-    for n in row.ending_lens:
-        sums.append(math.fsum(token_losses[start : start + n]))  # exact sum: independent of summation order
-        start += n
-    means = [s / n for s, n in zip(sums, row.ending_lens)]
+def _predict(example: Example, row: PackedRow, scores: RowScores) -> Prediction:
+    sums = [loss for loss, _ in scores.per_continuation(row.continuation_lens)]
+    means = [s / n for s, n in zip(sums, row.continuation_lens)]
     argmin = lambda values: min(range(len(values)), key=values.__getitem__)
     return Prediction(example.ind, example.label, argmin(sums), argmin(means), sums, means)
 
 
-def _batches(rows: list[_Packed], batch_size: int) -> Iterator[list[int]]:
-    """Indices of rows, grouped by bucket length (longest first) into batches of at most ``batch_size``."""
-    order = sorted(range(len(rows)), key=lambda i: (-rows[i].bucket_len, i))
-    batch: list[int] = []
-    for i in order:
-        if batch and (len(batch) == batch_size or rows[batch[0]].bucket_len != rows[i].bucket_len):
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
-
-
-@torch.no_grad()
 def score_examples(
-    scorer: EndingScorer,
+    scorer: ContinuationScorer,
     examples: list[Example],
     device: str,
     *,
@@ -354,19 +221,8 @@ def score_examples(
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     rows = [pack_example(e, scorer.model.config.block_size) for e in examples]
-    predictions: list[Prediction | None] = [None] * len(rows)
-    for batch in _batches(rows, batch_size):
-        with autocast(torch.device(device).type, dtype):
-            losses = scorer(*_batch_tensors([rows[i] for i in batch], device))
-        losses = losses.double().cpu().tolist()
-        start = 0
-        for i in batch:
-            n = len(rows[i].targets)
-            predictions[i] = _predict(examples[i], rows[i], losses[start : start + n])
-            start += n
-        if on_batch is not None:
-            on_batch(len(batch))
-    return predictions  # type: ignore[return-value]
+    scores = score_rows(scorer, rows, device, batch_size=batch_size, dtype=dtype, on_batch=on_batch)
+    return [_predict(e, row, score) for e, row, score in zip(examples, rows, scores)]
 
 
 def evaluate(
@@ -388,7 +244,7 @@ def evaluate(
     shapes are the training shapes); ``compile=True`` compiles the scorer's trunk with dynamic shapes instead.
     """
     gpt = unwrap(model)
-    scorer = EndingScorer(gpt, compile=compile)
+    scorer = ContinuationScorer(gpt, compile=compile)
     was_training = gpt.training
     gpt.eval()
     try:
@@ -398,7 +254,7 @@ def evaluate(
 
 
 def _evaluate_with(
-    scorer: EndingScorer,
+    scorer: ContinuationScorer,
     examples: list[Example],
     ctx: DistContext,
     batch_size: int,
@@ -556,7 +412,7 @@ def _score_target(
 class RunState:
     """What one pass over a run directory hands to the next while watching."""
 
-    scorer: EndingScorer | None = None  # kept, so a compiled trunk is compiled once
+    scorer: ContinuationScorer | None = None  # kept, so a compiled trunk is compiled once
     skipped: set[str] = field(default_factory=set)  # unreadable checkpoints already reported
 
 
@@ -586,7 +442,7 @@ def score_run(
         if model is None:
             continue
         if state.scorer is None or state.scorer.model.config != model.config:
-            state.scorer = EndingScorer(model, compile=cfg.compile)
+            state.scorer = ContinuationScorer(model, compile=cfg.compile)
         else:  # same architecture: load the weights in place and keep the compiled trunk
             state.scorer.model.load_state_dict(model.state_dict())
         result = _evaluate_with(state.scorer, examples, ctx, cfg.batch_size, cfg.dtype, cfg.progress, False)

@@ -74,13 +74,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.residual_scaled_init = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # is_causal lets SDPA pick a flash/memory-efficient kernel and skip the masked half; no mask buffer.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if attn_mask is None:
+            # is_causal lets SDPA pick a flash/memory-efficient kernel and skip the masked half; no mask buffer.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -105,8 +108,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -145,21 +148,38 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
+    def hidden(
+        self, idx: torch.Tensor, pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final hidden states ``(B, T, n_embd)`` of token ids ``idx`` ``(B, T)``: embeddings, blocks, final norm.
+
+        By default token ``t`` sits at position ``t`` and attends causally. A scorer that packs several
+        sequences into one row passes each token's position ``pos`` ``(B, T)`` and a boolean ``attn_mask``
+        ``(B, 1, T, T)`` (True: may attend) instead; this is the only forward pass there is.
+        """
+        T = idx.size(1)
+        if pos is None:
+            if T > self.config.block_size:
+                raise ValueError(
+                    f"sequence of {T} tokens is longer than the model's block size {self.config.block_size}"
+                )
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x, attn_mask)
+        return self.transformer.ln_f(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states ``h`` (any leading shape), cut to ``vocab_size`` columns: a padded
+        id can never be sampled, and never soaks up probability mass."""
+        return self.lm_head(h)[..., : self.config.vocab_size]
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``(B, T, vocab_size)`` for token ids ``idx`` ``(B, T)``, and the mean cross-entropy
         against ``targets`` when given (target -1 is ignored)."""
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than the model's block size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-        # Drop the padding columns: a padded id can never be sampled, and never soaks up probability mass.
-        logits = self.lm_head(x)[..., : self.config.vocab_size]
+        logits = self.logits(self.hidden(idx))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)

@@ -24,10 +24,8 @@ from gpt2.errors import UserError
 from gpt2.hellaswag import (
     SCORES_FILE,
     VAL_SHA256,
-    EndingScorer,
     EvalConfig,
     Example,
-    _batch_tensors,
     ensure_val,
     evaluate,
     is_run_dir,
@@ -35,6 +33,7 @@ from gpt2.hellaswag import (
     pack_example,
     run,
 )
+from gpt2.scoring import ContinuationScorer, batch_tensors
 from gpt2.tokenizer import get_encoding
 
 
@@ -120,14 +119,14 @@ def test_batch_size_and_compiled_wrapper_never_change_a_bit():
 def test_a_rows_loss_does_not_depend_on_where_the_batch_ends():
     """A batch whose targets leave one row after the last full LM-head chunk (a one-row matmul is a gemv)."""
     model = tiny_model().eval()
-    scorer = EndingScorer(model)  # head chunks of 64 rows
+    scorer = ContinuationScorer(model)  # head chunks of 64 rows
     rows = [pack_example(e, model.config.block_size) for e in make_examples(200, seed=7)]
     rows = [r for r in rows if r.bucket_len == rows[0].bucket_len]  # one batch: one bucket
     subsets = ([r for i, r in enumerate(rows[:k]) if i != j] for k in range(2, len(rows)) for j in range(k))
     batch = next(b for b in subsets if sum(len(r.targets) for r in b) % 64 == 1)
-    batched = scorer(*_batch_tensors(batch, "cpu")).split([len(r.targets) for r in batch])
+    batched = scorer(*batch_tensors(batch, "cpu"))[0].split([len(r.targets) for r in batch])
     for row, losses in zip(batch, batched):
-        assert torch.equal(losses, scorer(*_batch_tensors([row], "cpu")))
+        assert torch.equal(losses, scorer(*batch_tensors([row], "cpu"))[0])
 
 
 def test_compiled_scorer_agrees_with_eager():
