@@ -1,0 +1,361 @@
+"""Downstream evaluation through lm-evaluation-harness: ``python -m gpt2.evaluate TARGET --tasks small``.
+
+The harness supplies the tasks (prompts, data, metrics); ``gpt2.lm_eval.PipelineLM`` scores them, so the
+numbers are the harness's own (0-shot; ``acc``, and the character-length-normalised ``acc_norm`` where the
+task reports it). ``small`` is the standard small-model suite below. TARGET is a checkpoint, a Hugging Face
+directory or hub id (scored once; ``--out`` writes the summary), or a run directory: every checkpoint is
+scored on every task not yet in ``<run>/evals.jsonl`` (one ``{"step", "task", "acc", "acc_norm", "n"}``
+record per checkpoint and task), and ``--watch`` keeps polling for new checkpoints. Under ``torchrun``
+the rows are split across ranks; the results equal one process's.
+
+The summary's **centered mean** is nanochat's CORE-style aggregate: per task ``(a - chance) / (1 - chance)``,
+averaged, where ``a`` is ``acc_norm`` where the harness reports it (length-normalised, as CORE scores
+multiple choice) and ``acc`` elsewhere, and ``chance`` is the expected accuracy of guessing uniformly
+(the mean of 1 / number of choices over the scored examples). A random model scores about 0.
+
+Offline (``--data-dir DIR``): each task reads ``DIR/<task>_validation.jsonl``, the hub dataset's validation
+split as JSON lines with the dataset's own field names; only the task's data source changes, never its
+prompts. Needs the ``[eval]`` extra: ``pip install -e '.[eval]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import json
+import logging
+import statistics
+import tempfile
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpt2.checkpoint import find_checkpoints, load_model
+from gpt2.distributed import DEVICES, DTYPES, DistContext, barrier, destroy_distributed, init_distributed
+from gpt2.errors import UserError, run_cli
+from gpt2.files import atomic_write_text
+from gpt2.hellaswag import _load_for_run, _on_main, is_run_dir, read_jsonl
+
+if TYPE_CHECKING:
+    from lm_eval.api.task import Task
+
+    from gpt2.lm_eval import PipelineLM
+    from gpt2.model import GPT
+
+SUITE = (
+    "hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "sciq", "boolq", "copa",
+    "commonsense_qa", "social_iqa",
+)  # fmt: skip
+GROUPS = {"small": SUITE}
+EVALS_FILE = "evals.jsonl"  # one {"step", "task", "acc", "acc_norm", "n"} record per checkpoint and task
+INSTALL_HINT = "pip install -e '.[eval]' (or pip install 'lm-eval>=0.4.13,<0.5')"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def require_harness() -> None:
+    """A ``UserError`` naming the pip command when lm-evaluation-harness is not installed."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise UserError(f"downstream evaluation needs lm-evaluation-harness: {INSTALL_HINT}") from None
+
+
+def task_names(spec: str) -> list[str]:
+    """The task names of a comma-separated ``--tasks`` value, groups expanded, duplicates dropped."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise UserError("--tasks is empty; give harness task names or 'small'")
+    return list(dict.fromkeys(task for name in names for task in GROUPS.get(name, (name,))))
+
+
+@functools.cache
+def task_manager() -> Any:
+    """The harness's index of its task configs (built once per process: it reads thousands of YAML files)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def load_tasks(names: list[str], data_dir: Path | None = None) -> dict[str, Task]:
+    """The harness's tasks, with their data read from ``data_dir`` when given. Unknown names, missing
+    files and generation tasks are ``UserError``s before anything is scored."""
+    from gpt2.lm_eval import generation_error
+
+    manager = task_manager()
+    for name in names:
+        if name not in manager.all_tasks:
+            close = difflib.get_close_matches(name, [*manager.all_tasks, *GROUPS], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(
+                f"unknown task {name!r}{hint}: not an lm-evaluation-harness task, group or tag, nor one of "
+                f"this project's groups ({', '.join(GROUPS)}); `lm_eval ls tasks` lists the harness's"
+            )
+    if data_dir is None:
+        tasks = manager.load(names)["tasks"]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tasks = manager.load([_local_task_yaml(manager, name, Path(data_dir), Path(tmp)) for name in names])[
+                "tasks"
+            ]
+    generating = [name for name, task in tasks.items() if task.OUTPUT_TYPE == "generate_until"]
+    if generating:
+        raise UserError(generation_error(generating))
+    return tasks
+
+
+def _local_task_yaml(manager: Any, name: str, data_dir: Path, tmp: Path) -> str:
+    """A task file that includes the harness's own config of ``name`` and changes only where the data comes
+    from: the validation split is ``data_dir/<name>_validation.jsonl`` and it is the split scored."""
+    import yaml
+
+    if name not in manager.all_subtasks:
+        raise UserError(f"--data-dir reads one file per task; {name!r} is a harness group or tag, list its tasks")
+    path = data_dir / f"{name}_validation.jsonl"
+    if not path.is_file():
+        raise UserError(
+            f"{path} does not exist: --data-dir needs {name}'s validation split as JSON lines "
+            "with the hub dataset's own field names"
+        )
+    config = {
+        "include": str(manager.task_index[name].yaml_path),
+        "task": name,
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"validation": str(path.resolve())}},
+        "training_split": None,
+        "validation_split": "validation",
+        "test_split": None,
+        "fewshot_split": None,
+    }
+    task_yaml = tmp / f"{name}.yaml"
+    task_yaml.write_text(yaml.safe_dump(config))
+    return str(task_yaml)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class EvalResult:
+    """The harness's metrics per task (``acc``, ``acc_norm`` (None where not reported) and ``n`` for
+    multiple choice; the task's own metrics for perplexity tasks) and each multiple-choice task's chance."""
+
+    tasks: dict[str, dict[str, Any]]
+    chance: dict[str, float]
+    seconds: float
+
+    def centered(self, task: str) -> float | None:
+        """``(a - chance) / (1 - chance)`` with ``a`` the task's acc_norm, else its acc (module docstring)."""
+        if task not in self.chance:
+            return None
+        scores = self.tasks[task]
+        accuracy = scores["acc_norm"] if scores["acc_norm"] is not None else scores["acc"]
+        return (accuracy - self.chance[task]) / (1 - self.chance[task])
+
+    @property
+    def centered_mean(self) -> float | None:
+        values = [c for task in self.tasks if (c := self.centered(task)) is not None]
+        return statistics.fmean(values) if values else None
+
+    def table(self) -> str:
+        lines = [f"{'task':<16}{'acc':>8}{'acc_norm':>10}{'n':>7}{'chance':>8}{'centered':>10}"]
+        for task, scores in self.tasks.items():
+            if task not in self.chance:  # a perplexity task: its own metrics
+                metrics = ", ".join(f"{k}={v:.4f}" for k, v in scores.items() if k != "n")
+                lines.append(f"{task:<16}{metrics}  n={scores['n']}")
+                continue
+            acc_norm = "-" if scores["acc_norm"] is None else f"{scores['acc_norm']:.4f}"
+            lines.append(
+                f"{task:<16}{scores['acc']:>8.4f}{acc_norm:>10}{scores['n']:>7}"
+                f"{self.chance[task]:>8.4f}{self.centered(task):>10.4f}"
+            )
+        if (mean := self.centered_mean) is not None:
+            lines.append(f"centered mean (acc_norm where reported, else acc): {mean:.4f}")
+        return "\n".join(lines)
+
+
+def evaluate_tasks(lm: PipelineLM, tasks: dict[str, Task], limit: int | None = None) -> EvalResult:
+    """Score ``tasks`` (each on its first ``limit`` examples) with ``lm`` through the harness; every rank
+    returns the same result."""
+    import lm_eval
+
+    t0 = time.perf_counter()
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=list(tasks.values()), limit=limit, bootstrap_iters=0, log_samples=False
+    )
+    scores, chance = {}, {}
+    for name, task in tasks.items():
+        metrics = {
+            key.split(",")[0]: value
+            for key, value in out["results"][name].items()
+            if key.endswith(",none") and "_stderr" not in key
+        }
+        if task.OUTPUT_TYPE == "multiple_choice":
+            metrics = {"acc": metrics["acc"], "acc_norm": metrics.get("acc_norm")}
+            choices = [len(task.doc_to_choice(doc)) for _, doc in task.doc_iterator(limit=limit)]
+            chance[name] = statistics.fmean(1 / k for k in choices)
+        scores[name] = {**metrics, "n": out["n-samples"][name]["effective"]}
+    return EvalResult(scores, chance, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+@dataclass
+class EvaluateConfig:
+    """What ``python -m gpt2.evaluate`` was asked to do."""
+
+    target: str = field(
+        metadata={
+            "help": "checkpoint, run directory (scores each checkpoint not yet in evals.jsonl), HF directory or hub id"
+        }
+    )
+    tasks: str = field(
+        default="small",
+        metadata={"help": "comma-separated harness task names; 'small' is the suite", "metavar": "LIST"},
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "score the first N examples of each task", "metavar": "N"}
+    )
+    batch_size: int = field(
+        default=32, metadata={"help": "packed rows (one per distinct context) per forward pass", "metavar": "N"}
+    )
+    device: str = field(default="auto", metadata={"help": "device", "choices": DEVICES})
+    dtype: str = field(default="bf16", metadata={"help": "autocast dtype", "choices": tuple(DTYPES)})
+    data_dir: Path | None = field(
+        default=None,
+        metadata={"help": "offline: read each task's data from DIR/<task>_validation.jsonl", "metavar": "DIR"},
+    )
+    out: Path | None = field(
+        default=None, metadata={"help": "write {target, step, tasks, centered_mean} as JSON", "metavar": "JSON"}
+    )
+    watch: bool = field(default=False, metadata={"help": "run directories: keep scoring new checkpoints"})
+    interval: float = field(default=60.0, metadata={"help": "seconds between polls with --watch", "metavar": "SECONDS"})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``EvaluateConfig``: a field without a default is positional, a bool is a switch."""
+    parser = argparse.ArgumentParser(prog="python -m gpt2.evaluate", description=__doc__.split("\n\n")[0])
+    hints = typing.get_type_hints(EvaluateConfig)
+    for f in fields(EvaluateConfig):
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        if f.default is MISSING:
+            parser.add_argument(f.name, type=kind, **f.metadata)
+        elif kind is bool:
+            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", **f.metadata)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, **f.metadata)
+    return parser
+
+
+def read_evals(run_dir: str | Path) -> list[dict]:
+    """The records of ``<run>/evals.jsonl`` (empty when nothing is scored yet)."""
+    path = Path(run_dir) / EVALS_FILE
+    return [record for _, record in read_jsonl(path)] if path.exists() else []
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def run(cfg: EvaluateConfig, report: Callable[[str], None] = print) -> list[EvalResult]:
+    """Score ``cfg.target`` on ``cfg.tasks``; ``report`` receives the human-readable lines (rank 0 only)."""
+    require_harness()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task config notices drown the results
+    run_mode = is_run_dir(cfg.target) or (cfg.watch and not Path(cfg.target).exists())
+    if run_mode and cfg.out:
+        raise UserError("--out summarises one model: pass a checkpoint file, not a run directory")
+    if cfg.watch and not run_mode:
+        raise UserError(f"--watch polls a run directory for new checkpoints; {cfg.target} is not one")
+    if cfg.interval <= 0:
+        raise UserError(f"--interval must be a positive number of seconds, got {cfg.interval}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError(f"--limit must be a positive number of examples, got {cfg.limit}")
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
+    tasks = load_tasks(task_names(cfg.tasks), cfg.data_dir)
+    ctx = init_distributed(cfg.device)
+    say = report if ctx.is_main else (lambda line: None)
+    try:
+        if not run_mode:
+            return [_score_target(cfg, tasks, ctx, say)]
+        if cfg.watch:
+            say(f"watching {cfg.target} for new checkpoints every {cfg.interval:g}s (Ctrl-C to stop)")
+        elif not find_checkpoints(cfg.target):
+            raise UserError(f"{cfg.target} holds no ckpt_*.pt checkpoints and is not a Hugging Face model directory")
+        skipped: set[str] = set()
+        results = score_run(cfg, tasks, ctx, say, skipped)
+        if not results and not cfg.watch:
+            say(f"every checkpoint in {cfg.target} is already scored on these tasks in {EVALS_FILE}")
+        while cfg.watch:
+            time.sleep(cfg.interval)
+            results += score_run(cfg, tasks, ctx, say, skipped)
+        return results
+    finally:
+        destroy_distributed()
+
+
+def _pipeline_lm(model: GPT, cfg: EvaluateConfig) -> PipelineLM:
+    from gpt2.lm_eval import PipelineLM
+
+    return PipelineLM(model, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype)
+
+
+def _score_target(
+    cfg: EvaluateConfig, tasks: dict[str, Task], ctx: DistContext, say: Callable[[str], None]
+) -> EvalResult:
+    model, info = load_model(cfg.target, ctx.device)
+    result = evaluate_tasks(_pipeline_lm(model, cfg), tasks, cfg.limit)
+    say(result.table())
+    if cfg.out and ctx.is_main:
+        summary = {"target": str(cfg.target), "step": info["step"], "tasks": result.tasks,
+                   "centered_mean": result.centered_mean}  # fmt: skip
+        atomic_write_text(cfg.out, json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def score_run(
+    cfg: EvaluateConfig, tasks: dict[str, Task], ctx: DistContext, say: Callable[[str], None], skipped: set[str]
+) -> list[EvalResult]:
+    """Score each checkpoint of the run directory ``cfg.target`` on the tasks ``evals.jsonl`` lacks for it,
+    appending the records atomically. While watching, an unreadable checkpoint is retried at the next poll
+    (and reported once, via ``skipped``) instead of ending the watch."""
+    run_dir = Path(cfg.target)
+
+    def pending() -> list[tuple[int, str, list[str]]]:
+        done = {(record.get("step"), record.get("task")) for record in read_evals(run_dir)}
+        todo = [
+            (step, str(path), [t for t in tasks if (step, t) not in done]) for step, path in find_checkpoints(run_dir)
+        ]
+        return [(step, path, missing) for step, path, missing in todo if missing]
+
+    results = []
+    for step, path, missing in _on_main(pending, ctx):
+        model = _load_for_run(path, ctx, skipped if cfg.watch else None)
+        if model is None:
+            continue
+        result = evaluate_tasks(_pipeline_lm(model, cfg), {t: tasks[t] for t in missing}, cfg.limit)
+        if ctx.is_main:
+            records = [{"step": step, "task": task, **scores} for task, scores in result.tasks.items()]
+            atomic_write_text(run_dir / EVALS_FILE, _jsonl([*read_evals(run_dir), *records]))
+            say(f"step {step}:\n{result.table()}")
+        barrier(ctx)
+        results.append(result)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(EvaluateConfig(**vars(build_parser().parse_args(argv))))
+
+
+if __name__ == "__main__":
+    run_cli(main)

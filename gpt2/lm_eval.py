@@ -1,0 +1,153 @@
+"""Our scorer as an lm-evaluation-harness model: ``gpt2-pipeline`` (needs the ``[eval]`` extra).
+
+The harness owns the tasks, prompts, data and metrics and asks a model only for log-likelihoods of
+``(context, continuation)`` strings. ``PipelineLM`` answers them with ``gpt2.scoring``:
+
+* **Tokenisation is the harness's own.** ``PipelineLM`` is a ``TemplateLM``, like the harness's ``hf``
+  backend, so the harness itself splits each pair into tokens (a trailing space of the context moves to the
+  continuation; an empty context becomes the end-of-text token); the GPT-2 BPE here is tiktoken's, which
+  encodes like Hugging Face's GPT-2 tokenizer. Too long a pair is cut on the left exactly as the ``hf``
+  backend cuts it, so both score the same tokens and ``acc``/``acc_norm`` come out the same.
+* **Shared contexts.** Requests whose (cut) contexts are equal (the choices of one question, or the same
+  sentence start in Winogrande) become one packed row: the context is computed once, and the LM head runs
+  only where a continuation token is predicted.
+* **Ranks.** Under ``torchrun`` every rank receives every request (the harness sees one process), scores a
+  strided share of the rows and gathers the rest, so each rank returns what one process would: in fp32 on
+  CPU, bit for bit (a row's scores never depend on its batch, see ``gpt2.scoring``).
+
+Importing this module registers the class with the harness under ``gpt2-pipeline``: after ``import
+gpt2.lm_eval``, ``lm_eval.simple_evaluate(model="gpt2-pipeline", model_args="pretrained=RUN_DIR,batch_size=32,
+device=auto,dtype=bf16", tasks=[...])`` works as well as ``python -m gpt2.evaluate``.
+"""
+
+from __future__ import annotations
+
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from gpt2.checkpoint import load_model
+from gpt2.distributed import DTYPES, init_distributed
+from gpt2.errors import UserError
+from gpt2.hellaswag import _gather_strided
+from gpt2.model import GPT
+from gpt2.scoring import ContinuationScorer, PackedRow, RowScores, pack_row, score_rows
+from gpt2.tokenizer import EOT_ID, get_encoding
+
+# What the harness hands to ``_loglikelihood_tokens``: (the request's strings or None, context, continuation).
+TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
+
+
+@register_model("gpt2-pipeline")
+class PipelineLM(TemplateLM):
+    """A gpt2 checkpoint, run directory (newest checkpoint), Hugging Face directory or hub id, or an
+    in-memory ``GPT``, scored with the shared-context scorer. ``batch_size`` counts packed rows (one per
+    distinct context) per forward pass; ``dtype`` is the autocast dtype (``bf16`` or ``fp32``)."""
+
+    def __init__(
+        self, pretrained: str | GPT, batch_size: int | str = 32, device: str = "auto", dtype: str = "bf16"
+    ) -> None:
+        super().__init__()
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise UserError(f"batch_size must be a positive number of rows, got {batch_size!r}")
+        # The harness may pass a device such as "cuda:0"; under torchrun each rank takes its own GPU anyway.
+        self.dist = init_distributed(device if device == "auto" else torch.device(device).type)
+        if isinstance(pretrained, GPT):
+            model = pretrained.to(self.dist.device).eval()
+        else:
+            model, _ = load_model(pretrained, self.dist.device)
+        self.scorer = ContinuationScorer(model)
+        self.batch_size = int(batch_size)
+        self.dtype = dtype
+        self._device = torch.device(self.dist.device)
+
+    @property
+    def eot_token_id(self) -> int:
+        return EOT_ID
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the model reads: its block size (the ``hf`` backend's ``n_positions``)."""
+        return self.scorer.model.config.block_size
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """GPT-2 BPE, with ``<|endoftext|>`` in the text read as the special token, as Hugging Face's
+        tokenizer reads it (GPT-2 adds no BOS, so ``add_special_tokens`` changes nothing)."""
+        return get_encoding().encode(string, allowed_special="all")
+
+    def _loglikelihood_tokens(
+        self, requests: list[TokenRequest], disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
+        """``(log-likelihood, greedy)`` of each continuation given its context, in request order."""
+        rows: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}  # context -> {continuation: its index}
+        keys = []
+        for _, context, continuation in requests:
+            if len(continuation) > self.max_length:
+                raise UserError(
+                    f"a continuation of {len(continuation)} tokens is longer than the model's "
+                    f"context of {self.max_length} tokens"
+                )
+            # As the hf backend: the model reads (context + continuation)[-(max_length + 1):][:-1], so the
+            # context keeps its last max_length + 1 - len(continuation) tokens (at least one).
+            key = tuple(context[-(self.max_length + 1 - len(continuation)) :]), tuple(continuation)
+            continuations = rows.setdefault(key[0], {})
+            continuations.setdefault(key[1], len(continuations))
+            keys.append(key)
+        packed = [pack_row(list(ctx), [list(c) for c in conts]) for ctx, conts in rows.items()]
+        per_row = [
+            scores.per_continuation(row.continuation_lens)
+            for row, scores in zip(packed, self._score(packed, disable_tqdm))
+        ]
+        row_of = {ctx: i for i, ctx in enumerate(rows)}
+        results = []
+        for ctx, continuation in keys:
+            loss, greedy = per_row[row_of[ctx]][rows[ctx][continuation]]
+            results.append((-loss, greedy))
+        return results
+
+    def _score(self, rows: list[PackedRow], disable_tqdm: bool) -> list[RowScores]:
+        """Every row's ``RowScores``, in order: this rank scores ``rows[rank::world_size]`` and gathers the rest."""
+        local = rows[self.dist.rank :: self.dist.world_size]
+        disable = disable_tqdm or not self.dist.is_main
+        with tqdm(total=len(local), desc="scoring rows", unit="row", disable=disable, leave=False) as bar:
+            scores = score_rows(
+                self.scorer, local, self.dist.device, batch_size=self.batch_size, dtype=self.dtype, on_batch=bar.update
+            )
+        return _gather_strided(scores, self.dist)
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole documents (perplexity tasks), over the harness's own rolling windows:
+        the first predicted from the end-of-text token, each later one with as much context as fits."""
+        windows: list[TokenRequest] = []
+        owner = []
+        for i, (string,) in enumerate(request.args for request in requests):
+            token_windows = get_rolling_token_windows(
+                token_list=self.tok_encode(string),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
+            for context, continuation in map(make_disjoint_window, token_windows):
+                windows.append((None, context, continuation))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (loglikelihood, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm)):
+            totals[i] += loglikelihood
+        return totals
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        tasks = sorted({str(request.task_name) for request in requests})
+        raise UserError(generation_error(tasks))
+
+
+def generation_error(tasks: list[str]) -> str:
+    """The one-line error for tasks whose output is generated text."""
+    return (
+        f"{', '.join(tasks)}: generation tasks (output_type generate_until) are not supported; "
+        "gpt2-pipeline scores log-likelihoods only (multiple-choice and perplexity tasks)"
+    )
