@@ -143,6 +143,11 @@ def _local_task_yaml(manager: Any, name: str, data_dir: Path, tmp: Path) -> str:
 # Scoring
 
 
+def headline(scores: dict[str, Any]) -> float | None:
+    """A task's one number: ``acc_norm`` where the harness reports it, else ``acc`` (None for perplexity tasks)."""
+    return scores["acc_norm"] if scores.get("acc_norm") is not None else scores.get("acc")
+
+
 @dataclass
 class EvalResult:
     """The harness's metrics per task (``acc``, ``acc_norm`` (None where not reported) and ``n`` for
@@ -156,9 +161,7 @@ class EvalResult:
         """``(a - chance) / (1 - chance)`` with ``a`` the task's acc_norm, else its acc (module docstring)."""
         if task not in self.chance:
             return None
-        scores = self.tasks[task]
-        accuracy = scores["acc_norm"] if scores["acc_norm"] is not None else scores["acc"]
-        return (accuracy - self.chance[task]) / (1 - self.chance[task])
+        return (headline(self.tasks[task]) - self.chance[task]) / (1 - self.chance[task])
 
     @property
     def centered_mean(self) -> float | None:
@@ -184,26 +187,36 @@ class EvalResult:
 
 def evaluate_tasks(lm: PipelineLM, tasks: dict[str, Task], limit: int | None = None) -> EvalResult:
     """Score ``tasks`` (each on its first ``limit`` examples) with ``lm`` through the harness; every rank
-    returns the same result."""
+    returns the same result.
+
+    Every rank runs the harness (``lm`` shares the scoring out among them), but the harness hands its
+    results to one process per node only (it treats a model that splits requests itself like a
+    tensor-parallel one), so rank 0 summarises them for everyone.
+    """
     import lm_eval
 
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks.values()), limit=limit, bootstrap_iters=0, log_samples=False
-    )
-    scores, chance = {}, {}
-    for name, task in tasks.items():
-        metrics = {
-            key.split(",")[0]: value
-            for key, value in out["results"][name].items()
-            if key.endswith(",none") and "_stderr" not in key
-        }
-        if task.OUTPUT_TYPE == "multiple_choice":
-            metrics = {"acc": metrics["acc"], "acc_norm": metrics.get("acc_norm")}
-            choices = [len(task.doc_to_choice(doc)) for _, doc in task.doc_iterator(limit=limit)]
-            chance[name] = statistics.fmean(1 / k for k in choices)
-        scores[name] = {**metrics, "n": out["n-samples"][name]["effective"]}
-    return EvalResult(scores, chance, time.perf_counter() - t0)
+        model=lm, tasks=list(tasks.values()), limit=limit, bootstrap_iters=0, log_samples=False,
+        task_manager=task_manager(),  # else it indexes every task config again
+    )  # fmt: skip
+
+    def summarise() -> EvalResult:
+        scores, chance = {}, {}
+        for name, task in tasks.items():
+            metrics = {
+                key.split(",")[0]: value
+                for key, value in out["results"][name].items()
+                if key.endswith(",none") and "_stderr" not in key
+            }
+            if task.OUTPUT_TYPE == "multiple_choice":
+                metrics = {"acc": metrics["acc"], "acc_norm": metrics.get("acc_norm")}
+                choices = [len(task.doc_to_choice(doc)) for _, doc in task.doc_iterator(limit=limit)]
+                chance[name] = statistics.fmean(1 / k for k in choices)
+            scores[name] = {**metrics, "n": out["n-samples"][name]["effective"]}
+        return EvalResult(scores, chance, time.perf_counter() - t0)
+
+    return _on_main(summarise, lm.dist)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -4,17 +4,22 @@ Two panels, like the closing figure of the reference reproduction (build-nanogpt
 against step from ``<run>/log.jsonl``, and HellaSwag acc_norm against step from the trainer's own
 ``hellaswag`` records in ``log.jsonl`` and from ``<run>/hellaswag.jsonl`` (written by
 ``eval_hellaswag.py RUN_DIR``; it wins where both scored a step), each with the OpenAI GPT-2 124M
-(and GPT-3 125M) reference lines. matplotlib is an optional extra (``pip install 'gpt2[plot]'``).
+(and GPT-3 125M) reference lines. When ``<run>/evals.jsonl`` exists (``python -m gpt2.evaluate RUN_DIR``),
+one more panel per downstream task shows its acc_norm (acc where the harness reports no acc_norm) against
+step, with GPT-2 124M's harness score where one is published. matplotlib is an optional extra
+(``pip install 'gpt2[plot]'``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gpt2.errors import UserError, run_cli
+from gpt2.evaluate import EVALS_FILE, headline, read_evals
 from gpt2.files import atomic_write
 from gpt2.hellaswag import SCORES_FILE, read_jsonl, read_scores
 
@@ -22,6 +27,10 @@ LOG_FILE = "log.jsonl"
 GPT2_124M_VAL_LOSS = 3.2924  # OpenAI's GPT-2 124M checkpoint on the FineWeb-Edu val split
 GPT2_124M_HELLASWAG = 0.2955  # acc_norm, completion style, 10,042 val examples
 GPT3_125M_HELLASWAG = 0.337  # from the GPT-3 paper
+# OpenAI GPT-2 124M in lm-evaluation-harness (0-shot), where a score is published: HellaSwag acc_norm on the
+# 10,042 val examples, as quoted in build-nanogpt's hellaswag.py ("eleuther harness reports ... acc_norm 31.14%").
+GPT2_124M_HARNESS = {"hellaswag": 0.3114}
+TASK_COLUMNS = 4  # downstream-task panels per row
 
 
 @dataclass
@@ -31,6 +40,7 @@ class RunCurves:
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     val_loss: list[tuple[int, float]] = field(default_factory=list)
     hellaswag: list[tuple[int, float]] = field(default_factory=list)  # acc_norm
+    tasks: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # evals.jsonl: task -> headline
 
 
 def read_run(run_dir: str | Path) -> RunCurves:
@@ -39,8 +49,8 @@ def read_run(run_dir: str | Path) -> RunCurves:
     log_path = run_dir / LOG_FILE
     if not run_dir.is_dir():
         raise UserError(f"{run_dir} is not a directory")
-    if not log_path.exists() and not (run_dir / SCORES_FILE).exists():
-        raise UserError(f"{run_dir} has neither {LOG_FILE} nor {SCORES_FILE}: nothing to plot")
+    if not any((run_dir / name).exists() for name in (LOG_FILE, SCORES_FILE, EVALS_FILE)):
+        raise UserError(f"{run_dir} has none of {LOG_FILE}, {SCORES_FILE}, {EVALS_FILE}: nothing to plot")
     curves = RunCurves()
     hellaswag: dict[int, float] = {}
     if log_path.exists():
@@ -54,7 +64,20 @@ def read_run(run_dir: str | Path) -> RunCurves:
     for i, record in enumerate(read_scores(run_dir), start=1):
         hellaswag.update([_point(record, "acc_norm", f"{run_dir / SCORES_FILE}:{i}")])
     curves.hellaswag = sorted(hellaswag.items())
+    curves.tasks = read_task_curves(run_dir)
     return curves
+
+
+def read_task_curves(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Each downstream task's headline score (``gpt2.evaluate.headline``) against step, from ``evals.jsonl``
+    (a later record of the same step and task wins); perplexity tasks have none and are left out."""
+    points: dict[str, dict[int, float]] = {}
+    for i, record in enumerate(read_evals(run_dir), start=1):
+        value = headline(record) if isinstance(record, dict) else None
+        if value is not None:
+            step, value = _point({**record, "value": value}, "value", f"{Path(run_dir) / EVALS_FILE}:{i}")
+            points.setdefault(str(record.get("task")), {})[step] = value
+    return {task: sorted(by_step.items()) for task, by_step in points.items()}
 
 
 def _point(record: Any, key: str, where: str) -> tuple[int, float]:
@@ -73,7 +96,10 @@ def draw_run(curves: RunCurves, title: str = ""):
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_hs) = plt.subplots(1, 2, figsize=(14, 5))
+    task_rows = math.ceil(len(curves.tasks) / TASK_COLUMNS)
+    fig = plt.figure(figsize=(14, 5 + 3.5 * task_rows))
+    grid = fig.add_gridspec(1 + task_rows, TASK_COLUMNS, height_ratios=[5] + [3.5] * task_rows)
+    ax_loss, ax_hs = fig.add_subplot(grid[0, :2]), fig.add_subplot(grid[0, 2:])
     if curves.train_loss:
         ax_loss.plot(*zip(*curves.train_loss), lw=0.8, alpha=0.6, label=f"train loss (min {_min(curves.train_loss)})")
     if curves.val_loss:
@@ -97,10 +123,24 @@ def draw_run(curves: RunCurves, title: str = ""):
     ax_hs.set(xlabel="step", ylabel="acc_norm", title="HellaSwag eval")
     ax_hs.legend()
     ax_hs.grid(alpha=0.3)
+    _draw_tasks(fig, grid, curves.tasks)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _draw_tasks(fig, grid, tasks: dict[str, list[tuple[int, float]]]) -> None:
+    """One panel per downstream task below the first row, with GPT-2 124M's harness score where published."""
+    for i, (task, points) in enumerate(tasks.items()):
+        ax = fig.add_subplot(grid[1 + i // TASK_COLUMNS, i % TASK_COLUMNS])
+        ax.plot(*zip(*points), "o-", ms=3, color="g", label=f"this run (max {max(v for _, v in points):.4f})")
+        if task in GPT2_124M_HARNESS:
+            ref = GPT2_124M_HARNESS[task]
+            ax.axhline(ref, color="r", ls="--", label=f"OpenAI GPT-2 (124M) {ref}")
+        ax.set(xlabel="step", title=task)
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
 
 
 def _min(points: list[tuple[int, float]]) -> str:
