@@ -148,6 +148,15 @@ def headline(scores: dict[str, Any]) -> float | None:
     return scores["acc_norm"] if scores.get("acc_norm") is not None else scores.get("acc")
 
 
+def harness_choices(sample: dict[str, Any]) -> tuple[int, int]:
+    """The acc and acc_norm choices of one multiple-choice example as the harness logs it (``log_samples``):
+    the most likely choice, and the most likely per character of the choice."""
+    lls = [ll for ll, _ in sample["filtered_resps"]]
+    per_char = [ll / len(choice) for ll, (_, choice) in zip(lls, sample["arguments"])]
+    argmax = lambda values: max(range(len(values)), key=values.__getitem__)
+    return argmax(lls), argmax(per_char)
+
+
 @dataclass
 class EvalResult:
     """The harness's metrics per task (``acc``, ``acc_norm`` (None where not reported) and ``n`` for

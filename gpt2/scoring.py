@@ -11,10 +11,11 @@ matmul) is applied at every position. Here instead:
   continuation's last token is only a target, so it is not fed in.
 * **Logits only where scored.** The head runs only on the positions that predict a continuation token.
 * **Batches across rows, bucketed by length.** Rows are padded on the right to a multiple of ``BUCKET``
-  tokens and batched with rows of the same bucket. Attention kernels' last bits change with the padded
-  length, so a row's length is set by the row alone, never by its batch-mates: on CPU in fp32, losses are
-  bit-identical whatever the batch size or the number of ranks (GPU matmul libraries may pick kernels by
-  batch size and move last bits). ``torch.compile`` sees few shapes.
+  tokens (or of the row's own ``bucket``) and batched with rows of the same padded length. Attention
+  kernels' last bits change with the padded length, so a row's length is set by the row alone, never by
+  its batch-mates: on CPU in fp32, losses are bit-identical whatever the batch size or the number of
+  ranks (GPU matmul libraries may pick kernels by batch size and move last bits). ``torch.compile`` sees
+  few shapes.
 
 The transformer itself is the model's own ``GPT.hidden`` and ``GPT.logits``: there is one forward pass,
 so whatever the trained model computes, the scorer scores.
@@ -33,7 +34,7 @@ from torch.nn import functional as F
 from gpt2.distributed import autocast
 from gpt2.model import GPT
 
-BUCKET = 8  # packed rows are padded to a multiple of this many tokens
+BUCKET = 8  # packed rows are padded to a multiple of this many tokens, unless a row says otherwise
 
 
 @dataclass(frozen=True)
@@ -50,15 +51,17 @@ class PackedRow:
     predictors: list[int]
     targets: list[int]  # the continuations' tokens, one after the other
     continuation_lens: list[int]
+    bucket: int = BUCKET  # the row is padded to a multiple of this many tokens
 
     @property
     def bucket_len(self) -> int:
-        return math.ceil(len(self.tokens) / BUCKET) * BUCKET
+        return math.ceil(len(self.tokens) / self.bucket) * self.bucket
 
 
-def pack_row(context: list[int], continuations: list[list[int]]) -> PackedRow:
+def pack_row(context: list[int], continuations: list[list[int]], bucket: int = BUCKET) -> PackedRow:
     """Pack a non-empty ``context`` and its non-empty ``continuations``; the caller has already truncated the
-    context so that ``len(context) + len(continuation) - 1`` fits the model's block size for each."""
+    context so that ``len(context) + len(continuation) - 1`` fits the model's block size for each. A coarser
+    ``bucket`` pads more but lets more rows share a batch (worth it where rows are few and lengths varied)."""
     if not context or not all(continuations):
         raise ValueError("a packed row needs a non-empty context and non-empty continuations")
     tokens, positions, segments = list(context), list(range(len(context))), [0] * len(context)
@@ -70,7 +73,7 @@ def pack_row(context: list[int], continuations: list[list[int]]) -> PackedRow:
         tokens += continuation[:-1]
         positions += range(len(context), len(context) + len(continuation) - 1)
         segments += [i + 1] * (len(continuation) - 1)
-    return PackedRow(tokens, positions, segments, predictors, targets, [len(c) for c in continuations])
+    return PackedRow(tokens, positions, segments, predictors, targets, [len(c) for c in continuations], bucket)
 
 
 class ContinuationScorer(nn.Module):

@@ -29,6 +29,7 @@ from gpt2.evaluate import (  # noqa: E402
     SUITE,
     EvaluateConfig,
     evaluate_tasks,
+    harness_choices,
     load_tasks,
     read_evals,
     require_harness,
@@ -92,13 +93,6 @@ def ours_and_hf(tiny, suite) -> tuple[dict, dict]:
     )
 
 
-def choices(lls: list[float], arguments: list[tuple[str, str]]) -> tuple[int, int]:
-    """The acc choice (most likely continuation) and the acc_norm choice (most likely per character)."""
-    per_char = [ll / len(continuation) for ll, (_, continuation) in zip(lls, arguments)]
-    argmax = lambda values: max(range(len(values)), key=values.__getitem__)
-    return argmax(lls), argmax(per_char)
-
-
 def test_every_task_matches_the_hf_backend(ours_and_hf):
     ours, hf = ours_and_hf
     for task in SUITE:
@@ -110,7 +104,7 @@ def test_every_task_matches_the_hf_backend(ours_and_hf):
             ref = [ll for ll, _ in theirs["filtered_resps"]]
             assert lls == pytest.approx(ref, abs=1e-4), (task, mine["doc_id"])
             assert [g for _, g in mine["filtered_resps"]] == [g for _, g in theirs["filtered_resps"]]
-            assert choices(lls, mine["arguments"]) == choices(ref, theirs["arguments"])
+            assert harness_choices(mine) == harness_choices(theirs)  # the acc and the acc_norm choice
             assert (mine["acc"], mine.get("acc_norm")) == (theirs["acc"], theirs.get("acc_norm"))
         assert ours["results"][task] == hf["results"][task], task
 
