@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_prepare.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_hellaswag.py
+	$(PY) bench/bench_evals.py
 
 clean:
 	rm -rf runs/demo data/demo

@@ -7,7 +7,7 @@ both, so that choices can be compared exactly; interleaved repeat by repeat in o
 of each repeat, the medians and their ratio, the largest log-likelihood difference and whether every
 per-example choice (the acc and the acc_norm argmax) is identical.
 
-    .venv/bin/python bench/bench_evals.py                           # 124M-shaped, 10 examples per task
+    .venv/bin/python bench/bench_evals.py                           # 124M-shaped, 20 examples per task
     .venv/bin/python bench/bench_evals.py --model small --limit 100
 """
 
@@ -63,10 +63,15 @@ def timed_run(lm, tasks: dict, limit: int) -> tuple[float, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="bench/bench_evals.py", description=__doc__)
-    p.add_argument("--limit", type=int, default=10, help="examples per task")
+    p.add_argument("--limit", type=int, default=20, help="examples per task")
     p.add_argument("--model", choices=list(MODELS), default="gpt2", help="random weights of this size")
-    p.add_argument("--batch-size", type=int, default=16, help="our packed rows per forward pass")
-    p.add_argument("--hf-batch-size", type=int, default=1, help="the hf backend's requests per forward pass")
+    p.add_argument("--batch-size", type=int, default=32, help="our packed rows per forward pass")
+    p.add_argument(
+        "--hf-batch-size",
+        type=int,
+        default=8,
+        help="the hf backend's requests per forward pass (8 was its fastest of 1, 8, 16, 32 here)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads for both")
     args = p.parse_args(argv)

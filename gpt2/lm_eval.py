@@ -59,7 +59,7 @@ class PipelineLM(TemplateLM):
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise UserError(f"batch_size must be a positive number of rows, got {batch_size!r}")
         # The harness may pass a device such as "cuda:0"; under torchrun each rank takes its own GPU anyway.
-        self.dist = init_distributed(device if device == "auto" else torch.device(device).type)
+        self.dist = init_distributed(device.split(":")[0])
         if isinstance(pretrained, GPT):
             model = pretrained.to(self.dist.device).eval()
         else:
@@ -87,7 +87,7 @@ class PipelineLM(TemplateLM):
         self, requests: list[TokenRequest], disable_tqdm: bool = False
     ) -> list[tuple[float, bool]]:
         """``(log-likelihood, greedy)`` of each continuation given its context, in request order."""
-        rows: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}  # context -> {continuation: its index}
+        groups: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}  # cut context -> {continuation: index}
         keys = []
         for _, context, continuation in requests:
             if len(continuation) > self.max_length:
@@ -97,19 +97,16 @@ class PipelineLM(TemplateLM):
                 )
             # As the hf backend: the model reads (context + continuation)[-(max_length + 1):][:-1], so the
             # context keeps its last max_length + 1 - len(continuation) tokens (at least one).
-            key = tuple(context[-(self.max_length + 1 - len(continuation)) :]), tuple(continuation)
-            continuations = rows.setdefault(key[0], {})
-            continuations.setdefault(key[1], len(continuations))
-            keys.append(key)
-        packed = [pack_row(list(ctx), [list(c) for c in conts], ROW_BUCKET) for ctx, conts in rows.items()]
-        per_row = [
-            scores.per_continuation(row.continuation_lens)
-            for row, scores in zip(packed, self._score(packed, disable_tqdm))
-        ]
-        row_of = {ctx: i for i, ctx in enumerate(rows)}
+            ctx, cont = tuple(context[-(self.max_length + 1 - len(continuation)) :]), tuple(continuation)
+            group = groups.setdefault(ctx, {})
+            group.setdefault(cont, len(group))
+            keys.append((ctx, cont))
+        rows = [pack_row(list(ctx), [list(c) for c in group], ROW_BUCKET) for ctx, group in groups.items()]
+        per_row = [s.per_continuation(row.continuation_lens) for row, s in zip(rows, self._score(rows, disable_tqdm))]
+        scores = dict(zip(groups, per_row))  # cut context -> (summed loss, greedy) of each of its continuations
         results = []
-        for ctx, continuation in keys:
-            loss, greedy = per_row[row_of[ctx]][rows[ctx][continuation]]
+        for ctx, cont in keys:
+            loss, greedy = scores[ctx][groups[ctx][cont]]
             results.append((-loss, greedy))
         return results
 
