@@ -18,7 +18,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model, model_from_checkpoint, unwrap
 from gpt2.distributed import DistContext, all_reduce_sum, barrier, destroy_distributed, init_distributed
 from gpt2.errors import UserError
-from gpt2.files import atomic_write, atomic_write_text, file_sha256
+from gpt2.files import atomic_write, atomic_write_text, file_sha256, read_jsonl
 from gpt2.hf import is_hub_id
 from gpt2.model import GPT
 from gpt2.scoring import ContinuationScorer, PackedRow, RowScores, pack_row, score_rows
@@ -61,31 +61,6 @@ class Example:
     ctx: str
     endings: tuple[str, ...]
     label: int
-
-
-def read_jsonl(path: str | Path, *, allow_partial_tail: bool = False) -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed value)`` for each non-blank line; a malformed line is a ``UserError`` at file:line.
-
-    With ``allow_partial_tail`` a last line without its newline that does not parse is skipped: it is a
-    record another process is still appending.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} cannot be read ({e})") from None
-    lines = text.split("\n")
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            if allow_partial_tail and lineno == len(lines):
-                return
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def _parse_example(record: Any, where: str) -> Example:

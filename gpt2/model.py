@@ -6,10 +6,8 @@ so weights move in and out with nothing but a transpose of the Conv1D matrices (
 
 from __future__ import annotations
 
-import inspect
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -45,13 +43,21 @@ class GPTConfig:
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
 
+    def limit_vocab(self, n_ids: int) -> GPTConfig:
+        """This architecture reading and emitting only ids below ``n_ids`` (the tokenizer's): output rows
+        beyond it stay in the weights as padding, never sampled, scored or counted in the softmax. This is
+        how a nanoGPT-style ``vocab_size`` of 50304 (padding included) is read."""
+        if self.vocab_size <= n_ids:
+            return self
+        rows = self.padded_vocab_size
+        multiple = 64 if rows % 64 == 0 and math.ceil(n_ids / 64) * 64 == rows else rows
+        return replace(self, vocab_size=n_ids, vocab_multiple=multiple)
+
     @classmethod
     def preset(cls, name: str, **overrides: int) -> GPTConfig:
         """The architecture of an OpenAI GPT-2 size (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``)."""
         if name not in PRESETS:
-            from gpt2.errors import UserError
-
-            raise UserError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, int]:
@@ -191,28 +197,3 @@ class GPT(nn.Module):
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * head_dim * seq_len
-
-    def configure_optimizer(
-        self,
-        lr: float,
-        weight_decay: float,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        device_type: str = "cpu",
-    ) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, never on biases or LayerNorms."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = device_type in ("cuda", "cpu", "mps") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, vocab_multiple: int = 1) -> GPT:
-        """OpenAI GPT-2 weights from a Hugging Face hub id (``gpt2`` ... ``gpt2-xl``) or a local HF directory;
-        ``vocab_multiple`` pads the embedding table (with zero rows, never used) as ``GPTConfig`` describes."""
-        from gpt2.hf import load_hf_model
-
-        return load_hf_model(name_or_path, vocab_multiple)

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.errors import UserError, run_cli
-from gpt2.files import atomic_write
-from gpt2.hellaswag import SCORES_FILE, read_jsonl, read_scores
+from gpt2.files import atomic_write, read_jsonl
+from gpt2.hellaswag import SCORES_FILE, read_scores
+from gpt2.runlog import LOG_FILE
 
-LOG_FILE = "log.jsonl"
 GPT2_124M_VAL_LOSS = 3.2924  # OpenAI's GPT-2 124M checkpoint on the FineWeb-Edu val split
 GPT2_124M_HELLASWAG = 0.2955  # acc_norm, completion style, 10,042 val examples
 GPT3_125M_HELLASWAG = 0.337  # from the GPT-3 paper

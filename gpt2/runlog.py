@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from gpt2.files import atomic_write_text
+from gpt2.files import atomic_write_text, read_jsonl
+
+LOG_FILE = "log.jsonl"  # a run directory's log, one JSON record per line
 
 
 class Reporter(Protocol):
@@ -40,8 +42,6 @@ class JsonlLog:
         """The records so far; a last line cut short by a crash is left out (a bad line elsewhere is an error)."""
         if not self.path.exists():
             return []
-        from gpt2.hellaswag import read_jsonl
-
         return [record for _, record in read_jsonl(self.path, allow_partial_tail=True)]
 
     def truncate_to(self, step: int) -> int:

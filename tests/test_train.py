@@ -25,7 +25,7 @@ from gpt2.data import ValLoader
 from gpt2.errors import UserError
 from gpt2.metrics import datasheet_peak, device_peak, mfu
 from gpt2.runlog import ConsoleReporter, format_duration
-from gpt2.schedule import lr_at
+from gpt2.schedule import lr_multiplier
 from gpt2.tokenizer import EOT_ID, get_encoding
 from gpt2.trainer import NonFiniteLoss, StopRequest, train
 
@@ -118,6 +118,10 @@ def straight(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pure pieces
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    return lr * lr_multiplier(step, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr / lr)
 
 
 def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_min_lr():
@@ -214,9 +218,9 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(synthetic: Path, tm
     assert [s for s, _ in find_checkpoints(tmp_path)] == [10]
     ckpt = load_checkpoint(result.checkpoint)  # weights_only=True
     assert ckpt["step"] == 10 and ckpt["loader"]["step"] == 10
-    assert ckpt["val_loss"] == losses(straight, "val")[10]
+    assert ckpt["progress"] == {"step": 10, "val_loss": losses(straight, "val")[10]}
     assert ckpt["train_config"]["max_steps"] == 20 and ckpt["config"]["vocab_size"] == 256
-    assert {"optimizer", "rng"} <= ckpt.keys()
+    assert {"model", "optimizer", "loader", "rng", "progress", "train_config"} <= ckpt.keys()
 
     second = Capture()
     result = train(tiny(synthetic, tmp_path, eval_every=5), second)
