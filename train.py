@@ -12,14 +12,15 @@ from __future__ import annotations
 import signal
 import sys
 
-from gpt2.config import build_parser, config_from_args
+from gpt2.cli import parse
+from gpt2.config import TrainConfig
 from gpt2.errors import run_cli
 from gpt2.runlog import ConsoleReporter
 from gpt2.trainer import StopRequest, train
 
 
 def main() -> None:
-    cfg = config_from_args(build_parser(description=__doc__).parse_args())
+    cfg = parse(TrainConfig, prog="train.py", description=__doc__)
     stop = StopRequest()
     with stop.catch_signals():
         result = train(cfg, ConsoleReporter(cfg.max_steps, sys.stdout), stop)

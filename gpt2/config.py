@@ -1,83 +1,74 @@
 """The training run's configuration: one typed dataclass whose fields are also ``train.py``'s flags.
 
-Every field ``foo_bar`` is the command-line flag ``--foo-bar`` with the same default, so a run's
-configuration, its flags and the ``train_config`` saved in its checkpoints all spell things one way.
+Every field ``foo_bar`` is the command-line flag ``--foo-bar`` with the same default (``gpt2.cli``), so a
+run's configuration, its flags and the ``train_config`` saved in its checkpoints all spell things one way.
 The defaults are the GPT-2 124M recipe of the GPT-3 paper as build-nanogpt runs it on FineWeb-Edu 10B.
 """
 
 from __future__ import annotations
 
-import argparse
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from gpt2.cli import flag, option
 from gpt2.distributed import DEVICES, DTYPES
 from gpt2.errors import UserError
 from gpt2.model import PRESETS, GPTConfig
+from gpt2.tokenizer import N_VOCAB
 
 PADDED_VOCAB_MULTIPLE = 64  # 50257 -> 50304 rows: aligned matmuls on GPUs, never predicted (logits are cut)
-
-
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run depends on. ``None`` means "the model's or device's own value"."""
 
-    # data and outputs
-    data: str = _opt("data/fineweb_edu10B", "directory of token shards written by prepare_fineweb.py")
-    out: str = _opt("runs/gpt2-124m", "run directory: checkpoints and log.jsonl")
-    # model
-    model: str = _opt("gpt2", f"architecture preset: {', '.join(PRESETS)}")
-    n_layer: int | None = _opt(None, "override the preset's number of layers")
-    n_head: int | None = _opt(None, "override the preset's number of attention heads")
-    n_embd: int | None = _opt(None, "override the preset's width")
-    vocab_size: int | None = _opt(None, "override the vocabulary size (GPT-2 BPE: 50257; padded to a multiple of 64)")
-    block_size: int | None = _opt(None, "override the context length the model supports (preset: 1024)")
-    init_from: str | None = _opt(None, "start from pretrained weights: a hub id (gpt2 ... gpt2-xl) or a HF directory")
-    # batch
-    seq_len: int = _opt(1024, "tokens per training sequence")
-    micro_batch: int = _opt(64, "sequences per forward/backward on each process")
-    batch_tokens: int = _opt(524288, "tokens per optimizer step over all processes (2**19, as in GPT-3 Small)")
-    # optimization
-    max_steps: int = _opt(19073, "optimizer steps (19073 x 524288 tokens = one epoch of FineWeb-Edu 10B)")
-    warmup_steps: int = _opt(715, "steps of linear learning-rate warmup")
-    lr: float = _opt(6e-4, "peak learning rate")
-    min_lr: float = _opt(6e-5, "learning rate at the end of the cosine decay")
-    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices and embeddings (>= 2-D)")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.95, "AdamW beta2")
-    eps: float = _opt(1e-8, "AdamW epsilon")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)")
-    seed: int = _opt(1337, "seed for the model's initialization and the data order")
-    # speed
-    device: str = _opt("auto", f"{', '.join(DEVICES)} (auto: CUDA when present, else CPU)")
-    dtype: str = _opt("bf16", f"compute dtype of forward/backward under autocast: {', '.join(DTYPES)}")
-    compile: bool | None = _opt(None, "torch.compile the model (default: on for CUDA, off elsewhere)")
-    # evaluation
-    eval_every: int = _opt(250, "validation loss every N steps and at the end (0: never)")
-    val_tokens: int = _opt(10485760, "tokens of the validation shard scored at each evaluation")
-    sample_every: int = _opt(1000, "print text samples every N steps and at the end (0: never)")
-    sample_prompt: str = _opt("Hello, I'm a language model,", "prompt of the text samples")
-    num_samples: int = _opt(4, "text samples per sampling")
-    max_new_tokens: int = _opt(32, "tokens generated per text sample")
-    hellaswag_every: int = _opt(0, "HellaSwag accuracy every N steps and at the end (0: never)")
-    hellaswag_data: str | None = _opt(
+    data: str = option("data/fineweb_edu10B", "directory of token shards written by prepare_fineweb.py")
+    out: str = option("runs/gpt2-124m", "run directory: checkpoints and log.jsonl")
+    model: str = option("gpt2", "architecture preset", choices=list(PRESETS))
+    n_layer: int | None = option(None, "override the preset's number of layers")
+    n_head: int | None = option(None, "override the preset's number of attention heads")
+    n_embd: int | None = option(None, "override the preset's width")
+    vocab_size: int | None = option(
+        None, "override the vocabulary size (GPT-2 BPE: 50257; the embedding is padded to a multiple of 64)"
+    )
+    block_size: int | None = option(None, "override the context length the model supports (preset: 1024)")
+    init_from: str | None = option(None, "start from pretrained weights: a hub id (gpt2 ... gpt2-xl) or a HF directory")
+    seq_len: int = option(1024, "tokens per training sequence")
+    micro_batch: int = option(64, "sequences per forward/backward on each process")
+    batch_tokens: int = option(524288, "tokens per optimizer step over all processes (2**19, as in GPT-3 Small)")
+    max_steps: int = option(19073, "optimizer steps (19073 x 524288 tokens = one epoch of FineWeb-Edu 10B)")
+    warmup_steps: int = option(715, "steps of linear learning-rate warmup")
+    lr: float = option(6e-4, "peak learning rate")
+    min_lr: float = option(6e-5, "learning rate at the end of the cosine decay")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices and embeddings (>= 2-D)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    seed: int = option(1337, "seed for the model's initialization and the data order")
+    device: str = option("auto", "auto: CUDA when present, else CPU", choices=DEVICES)
+    dtype: str = option("bf16", "compute dtype of forward/backward under autocast", choices=list(DTYPES))
+    compile: bool | None = option(None, "torch.compile the model (default: on for CUDA, off elsewhere)")
+    eval_every: int = option(250, "validation loss every N steps and at the end (0: never)")
+    val_tokens: int = option(10485760, "tokens of the validation shard scored at each evaluation")
+    sample_every: int = option(1000, "print text samples every N steps and at the end (0: never)")
+    sample_prompt: str = option("Hello, I'm a language model,", "prompt of the text samples")
+    num_samples: int = option(4, "text samples per sampling")
+    max_new_tokens: int = option(32, "tokens generated per text sample")
+    hellaswag_every: int = option(0, "HellaSwag accuracy every N steps and at the end (0: never)")
+    hellaswag_data: str | None = option(
         None, "HellaSwag JSONL (default: download the val set into data/hellaswag/, as eval_hellaswag.py does)"
     )
-    hellaswag_limit: int | None = _opt(None, "score only the first N HellaSwag examples")
-    # checkpoints and logs
-    save_every: int = _opt(5000, "write a checkpoint every N steps (and always at the end; 0: only at the end)")
-    keep_last: int = _opt(0, "keep only the newest N checkpoints (0: keep all)")
-    resume: str = _opt(
+    hellaswag_limit: int | None = option(None, "score only the first N HellaSwag examples")
+    save_every: int = option(5000, "write a checkpoint every N steps (and always at the end; 0: only at the end)")
+    keep_last: int = option(0, "keep only the newest N checkpoints (0: keep all)")
+    resume: str = option(
         "auto",
         "auto: continue from the newest checkpoint in --out; never: refuse a non-empty --out; "
         "or a checkpoint file to start from",
     )
-    peak_tflops: str = _opt(
+    peak_tflops: str = option(
         "auto", "device bf16 peak for MFU: auto (known GPUs; measured once on CPU), none, or a number in TFLOP/s"
     )
 
@@ -126,9 +117,10 @@ class TrainConfig:
         """The architecture to train from scratch: the preset, the overrides, the vocabulary padded to 64."""
         overrides = {n: getattr(self, n) for n in ARCH_OVERRIDES if getattr(self, n) is not None}
         try:
-            return GPTConfig.preset(self.model, vocab_multiple=PADDED_VOCAB_MULTIPLE, **overrides)
+            config = GPTConfig.preset(self.model, vocab_multiple=PADDED_VOCAB_MULTIPLE, **overrides)
         except ValueError as e:
             raise UserError(f"invalid architecture: {e}") from None
+        return config.limit_vocab(N_VOCAB)  # ids past the tokenizer's would be padding: never predicted
 
     def use_compile(self, device_type: str) -> bool:
         return self.compile if self.compile is not None else device_type == "cuda"
@@ -150,34 +142,3 @@ class TrainConfig:
 
 
 ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of a config field: ``seq_len`` -> ``--seq-len``."""
-    return "--" + name.replace("_", "-")
-
-
-def build_parser(prog: str = "train.py", description: str | None = None) -> argparse.ArgumentParser:
-    """An argument parser with one flag per ``TrainConfig`` field, same names, types and defaults."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        kind = hints[f.name]
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
-        kwargs: dict[str, Any] = {
-            "default": f.default if f.default is not MISSING else None,
-            "help": f.metadata["help"],
-        }
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = base
-            kwargs["metavar"] = f.name.upper()
-        parser.add_argument(flag(f.name), dest=f.name, **kwargs)
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})

@@ -29,7 +29,16 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model, model_from_checkpoint, unwrap
-from gpt2.distributed import DistContext, all_reduce_sum, barrier, destroy_distributed, init_distributed
+from gpt2.cli import option
+from gpt2.distributed import (
+    DEVICES,
+    DTYPES,
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+)
 from gpt2.errors import UserError
 from gpt2.files import atomic_write, atomic_write_text, file_sha256, read_jsonl
 from gpt2.hf import is_hub_id
@@ -120,7 +129,7 @@ def ensure_val(data_dir: str | Path = DEFAULT_DATA_DIR, *, url: str = VAL_URL, t
         reason = getattr(e, "reason", None) or e
         raise UserError(
             f"cannot download HellaSwag from {url} ({reason}); "
-            "pass --data FILE.jsonl with a local copy of hellaswag_val.jsonl"
+            "pass --hellaswag-data FILE.jsonl with a local copy of hellaswag_val.jsonl"
         ) from None
     return path
 
@@ -303,20 +312,34 @@ def read_scores(run_dir: str | Path) -> list[dict]:
 
 @dataclass
 class EvalConfig:
-    """What ``eval_hellaswag.py`` was asked to do."""
+    """What ``eval_hellaswag.py`` is asked to do; its fields are the program's arguments (``gpt2.cli``)."""
 
-    target: str  # checkpoint file, run directory, HF model directory or hub id
-    data: Path | None = None  # local HellaSwag JSONL; None: the canonical val set, downloaded once
-    limit: int | None = None
-    batch_size: int = 32
-    dtype: str = "bf16"
-    device: str = "auto"
-    compile: bool = False
-    out: Path | None = None  # results.json
-    predictions: Path | None = None  # one JSON line per example
-    watch: bool = False  # run directories: keep polling for new checkpoints
-    interval: float = 60.0  # seconds between polls
-    progress: bool = True
+    target: str = option(
+        help="checkpoint file, run directory (every checkpoint not yet scored), Hugging Face model directory or "
+        "hub id (gpt2 ... gpt2-xl)", positional=True,
+    )  # fmt: skip
+    hellaswag_data: Path | None = option(
+        None, "local HellaSwag JSONL (default: the val set, downloaded once into data/hellaswag/)",
+        aliases=["--data"], metavar="FILE.jsonl",
+    )  # fmt: skip
+    limit: int | None = option(None, "score only the first N examples", metavar="N")
+    batch_size: int = option(32, "examples per forward pass", metavar="N")
+    dtype: str = option("bf16", "autocast dtype", choices=list(DTYPES))
+    device: str = option("auto", "auto: CUDA when present, else CPU", choices=DEVICES)
+    compile: bool = option(False, "run the scorer through torch.compile (dynamic shapes)")
+    out: Path | None = option(None, "write {target, step, n, acc, acc_norm, seconds} as JSON", metavar="FILE.json")
+    predictions: Path | None = option(
+        None, "one JSON line per example: its losses and predictions", metavar="FILE.jsonl"
+    )
+    watch: bool = option(False, "run directory: keep scoring new checkpoints until interrupted")
+    interval: float = option(60.0, "seconds between polls with --watch", metavar="SECONDS")
+    progress: bool = option(True, "show a progress bar", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0:
+            raise UserError(f"--interval must be a positive number of seconds, got {self.interval}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
 
 
 def is_run_dir(target: str | Path) -> bool:
@@ -338,14 +361,12 @@ def run(cfg: EvalConfig, report: Callable[[str], None] = print) -> list[HellaSwa
     run_mode = is_run_dir(cfg.target) or (cfg.watch and not Path(cfg.target).exists())
     if run_mode and (cfg.out or cfg.predictions):
         raise UserError("--out and --predictions score one model: pass a checkpoint file, not a run directory")
-    if cfg.interval <= 0:
-        raise UserError(f"--interval must be a positive number of seconds, got {cfg.interval}")
     if cfg.watch and not run_mode:
         raise UserError(f"--watch polls a run directory for new checkpoints; {cfg.target} is not one")
     ctx = init_distributed(cfg.device)
     say = report if ctx.is_main else (lambda line: None)
     try:
-        examples = load_eval_examples(cfg.data, cfg.limit, ctx)
+        examples = load_eval_examples(cfg.hellaswag_data, cfg.limit, ctx)
         if not run_mode:
             return [_score_target(cfg, examples, ctx, say)]
         if cfg.watch:

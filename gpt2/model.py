@@ -55,7 +55,8 @@ class GPTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: int) -> GPTConfig:
-        """The architecture of an OpenAI GPT-2 size (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``)."""
+        """The architecture of an OpenAI GPT-2 size (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``), or the
+        demo's tiny model (``demo``)."""
         if name not in PRESETS:
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -69,6 +70,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "demo": dict(n_layer=4, n_head=4, n_embd=64, block_size=64),  # 3.5M, mostly embedding: `make demo` on a CPU
 }
 
 

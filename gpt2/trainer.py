@@ -34,10 +34,11 @@ from gpt2.checkpoint import (
     save_checkpoint,
     upgrade_checkpoint,
 )
-from gpt2.config import PADDED_VOCAB_MULTIPLE, TrainConfig, flag
+from gpt2.cli import flag
+from gpt2.config import PADDED_VOCAB_MULTIPLE, TrainConfig
 from gpt2.data import PAD_TARGET, TrainLoader, ValLoader, list_shards
 from gpt2.distributed import DistContext, all_reduce_sum, autocast, barrier, destroy_distributed, init_distributed
-from gpt2.errors import UserError
+from gpt2.errors import EXIT_DIVERGED, UserError
 from gpt2.hf import load_hf_model
 from gpt2.metrics import device_peak, mfu
 from gpt2.model import GPT, GPTConfig
@@ -53,7 +54,7 @@ OTHER_STOP = 1000  # a stop requested by code rather than by a signal (signal nu
 class NonFiniteLoss(UserError):
     """The loss or the gradient norm became NaN or infinite; the run stops without touching its checkpoints."""
 
-    exit_code = 3  # a diverged run, told apart from a usage error (2)
+    exit_code = EXIT_DIVERGED
 
 
 @dataclass

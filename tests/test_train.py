@@ -20,7 +20,8 @@ import torch
 from conftest import ROOT, run_python
 
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model
-from gpt2.config import TrainConfig, build_parser, config_from_args
+from gpt2.cli import parse
+from gpt2.config import TrainConfig
 from gpt2.data import ValLoader
 from gpt2.errors import UserError
 from gpt2.metrics import datasheet_peak, device_peak, mfu
@@ -137,7 +138,7 @@ def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_min_lr():
 
 
 def test_defaults_are_the_gpt2_124m_recipe_and_flags_mirror_the_config():
-    cfg = config_from_args(build_parser().parse_args([]))
+    cfg = parse(TrainConfig, [], prog="train.py")
     assert cfg == TrainConfig()
     expected = dict(
         model="gpt2", seq_len=1024, micro_batch=64, batch_tokens=524288, max_steps=19073, warmup_steps=715,
@@ -155,8 +156,7 @@ def test_defaults_are_the_gpt2_124m_recipe_and_flags_mirror_the_config():
         50304,
     )
     assert cfg.use_compile("cuda") and not cfg.use_compile("cpu")
-    args = build_parser().parse_args(["--seq-len", "256", "--micro-batch", "4", "--no-compile", "--n-layer", "3"])
-    cfg = config_from_args(args)
+    cfg = parse(TrainConfig, ["--seq-len", "256", "--micro-batch", "4", "--no-compile", "--n-layer", "3"], prog="t")
     assert (cfg.seq_len, cfg.micro_batch, cfg.compile, cfg.n_layer, cfg.model_config().n_layer) == (256, 4, False, 3, 3)
 
 
