@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import run_python, tiny_model
+from support import run_python, tiny_model
 
 from gpt2.checkpoint import model_payload, save_checkpoint
 from gpt2.errors import UserError
@@ -44,6 +44,7 @@ def test_from_pretrained_matches_transformers(tmp_path, config, safe_serializati
     assert (ours - hf_logits(reference, idx)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_same_logits(tmp_path):
     model = tiny_model(seed=1, vocab_multiple=64).eval()  # padded vocab must be cut on export
     with torch.no_grad():
@@ -73,6 +74,7 @@ def test_unknown_hub_id_is_a_user_error():
         load_hf_model("gpt7-huge")
 
 
+@pytest.mark.slow
 def test_offline_hub_download_fails_with_one_line(tmp_path):
     result = run_python("-m", "gpt2.sample", "gpt2-medium", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert result.returncode == 2

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from support import tiny_model
 
 from gpt2.model import GPT, GPTConfig
 

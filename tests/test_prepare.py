@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support import ROOT, run_python
 
 from gpt2.errors import UserError
 from gpt2.prepare import PrepareConfig, prepare
 from gpt2.tokenizer import EOT_ID, get_encoding
-from tests.conftest import ROOT, run_python
 
 BIG = " ".join(f"word{i} ünïcödé {i * 7919 % 1000}" for i in range(120))  # ~900 tokens: spans several shards
 DOCS = [
@@ -117,6 +117,7 @@ def test_literal_eot_and_lone_surrogate(tmp_path):
     assert (tokens == EOT_ID).sum() == 2
 
 
+@pytest.mark.slow
 def test_real_corpus_workers_and_batches_do_not_change_bytes(tmp_path, shared_data):
     """Real text through the CLI with 2 worker processes = the library with 1 worker and other batches."""
     corpus = shared_data / "corpus"
@@ -194,6 +195,7 @@ def test_bad_parquet_txt_and_paths(tmp_path):
         run(tmp_path, [str(tmp_path / "tiny.txt")], name="tiny", val_shard_tokens=10)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_with_exit_2(tmp_path):
     r = run_python(ROOT / "prepare_fineweb.py", "--input", tmp_path / "missing.jsonl", "--out", tmp_path / "o")
     assert r.returncode == 2 and r.stderr.strip() == f"error: no such input file: {tmp_path / 'missing.jsonl'}"
@@ -293,6 +295,7 @@ def wait_for_shards(proc: subprocess.Popen, manifest: Path, count: int) -> None:
     raise AssertionError(f"prepare_fineweb.py ended before writing {count} shards: {proc.stderr.read()}")
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_is_byte_identical(tmp_path):
     """Kill the CLI (kill -9, 2 worker processes) twice mid-way; re-running finishes with the bytes of an
     uninterrupted run (with 1 worker)."""

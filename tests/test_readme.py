@@ -3,9 +3,11 @@
 import re
 
 import pytest
-from conftest import ROOT, run_python
+from support import ROOT, run_python
 
 PROGRAMS = ["prepare_fineweb.py", "train.py", "eval_hellaswag.py"]
+pytestmark = pytest.mark.slow  # runs each program's --help
+
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
 
 

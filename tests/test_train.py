@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_python
+from support import ROOT, run_python, write_shards
 
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model
 from gpt2.cli import parse
@@ -36,15 +36,6 @@ TINY = dict(
     warmup_steps=2, max_steps=20, eval_every=0, val_tokens=1024, sample_every=0, save_every=0,
     device="cpu", dtype="fp32", compile=False, peak_tflops="none",
 )  # fmt: skip
-
-
-def write_shards(directory: Path, val: np.ndarray, train_parts: list[np.ndarray]) -> Path:
-    """A data directory in the loader's format (val_000000.npy, train_000001.npy, ...)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    np.save(directory / "val_000000.npy", val.astype(np.uint16))
-    for i, part in enumerate(train_parts, start=1):
-        np.save(directory / f"train_{i:06d}.npy", part.astype(np.uint16))
-    return directory
 
 
 # On a shared CPU, OpenMP threads spinning against other processes make tiny steps up to 100x slower.
@@ -174,6 +165,7 @@ def test_mfu_is_flops_per_token_times_throughput_over_peak():
 # The acceptance criteria
 
 
+@pytest.mark.slow
 def test_ddp_on_two_ranks_equals_gradient_accumulation_in_one_process(synthetic: Path, tmp_path: Path):
     """torchrun with 1 micro-step per rank vs 1 process with 2 micro-steps: the same global batches and losses;
     and the two-rank run's checkpoint continues in one process as if it had been one all along."""
@@ -259,6 +251,7 @@ def signal_after_step_2(command: list[str], env: dict, send: Callable[[subproces
             proc.wait()
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(synthetic: Path, tmp_path: Path):
     """Steps made slower (4 micro-steps) so the signal lands mid-run; the result equals an uninterrupted run."""
     run = dict(max_steps=100, batch_tokens=256, save_every=1000)
@@ -291,6 +284,7 @@ def worker_pid(parent: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under pid {parent}")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(synthetic: Path, tmp_path: Path):
     run = dict(max_steps=100, batch_tokens=256, save_every=1000)
@@ -344,6 +338,7 @@ def test_loss_on_real_text_falls_well_below_its_start(real_text: Path, tmp_path:
     assert np.mean(train_losses[-20:]) < np.mean(train_losses[:5]) - 1.5
 
 
+@pytest.mark.slow
 def test_compiled_run_trains_evaluates_and_samples(synthetic: Path, tmp_path: Path):
     """torch.compile on: training, validation through the compiled model, sampling through the plain one."""
     cap = Capture()
@@ -498,6 +493,15 @@ def test_non_finite_training_stops_naming_the_step_and_keeps_the_last_checkpoint
     assert (tmp_path / "ckpt_000004.pt").read_bytes() == before
 
 
+@pytest.mark.slow
+def test_a_diverged_run_exits_3_a_usage_error_2(synthetic: Path, tmp_path: Path):
+    diverged = run_python("train.py", *cli_flags(synthetic, tmp_path, max_steps=4, lr=1e30, min_lr=1e30),
+                          env=ONE_THREAD)  # fmt: skip
+    assert diverged.returncode == 3 and diverged.stderr.startswith("error: non-finite"), diverged.stderr
+    usage = run_python("train.py", *cli_flags(synthetic, tmp_path / "u", max_steps=4, lr=-1.0))
+    assert usage.returncode == 2, usage.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # One-line errors
 
@@ -510,12 +514,14 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert fragment in lines[0]
 
 
+@pytest.mark.slow
 def test_missing_data_directory_is_one_line_pointing_at_prepare_fineweb(tmp_path: Path):
     proc = run_python("train.py", *cli_flags(tmp_path / "nowhere", tmp_path / "out"), env=ONE_THREAD)
     assert_one_line_error(proc, "nowhere", "does not exist", "prepare_fineweb.py")
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_init_from_gpt2_offline_is_one_line(synthetic: Path, tmp_path: Path):
     arch = ["--n-layer", "--n-head", "--n-embd", "--block-size", "--vocab-size"]  # --init-from brings its own
     flags = strip_flags(cli_flags(synthetic, tmp_path / "out", max_steps=1, warmup_steps=1), arch)
@@ -578,6 +584,7 @@ def test_resume_never_refuses_a_non_empty_out(synthetic: Path, tmp_path: Path):
     assert len(read_log(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_kill_9_while_checkpoints_are_written_loses_nothing(synthetic: Path, tmp_path: Path):
     """A checkpoint every step, so SIGKILL lands during or between checkpoint writes; whatever it hits, every
     checkpoint on disk loads, and relaunching the same command ends with the uninterrupted run's losses."""
