@@ -26,9 +26,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gpt2.config import TrainConfig
 from gpt2.distributed import DistContext, autocast
 from gpt2.metrics import measure_matmul_peak
 from gpt2.model import GPT, GPTConfig
+from gpt2.optim import build_optimizers
 from gpt2.trainer import train_step
 
 # name -> (architecture, seq_len, micro_batch): 124M as trained, and a small model that times in seconds.
@@ -113,11 +115,11 @@ def plain_step_fn(cfg: GPTConfig, batch: tuple[torch.Tensor, torch.Tensor], dtyp
 
 def our_step_fn(cfg: GPTConfig, batch: tuple[torch.Tensor, torch.Tensor], dtype: str, compile: bool):
     model = GPT(cfg)
-    optimizer = model.configure_optimizer(6e-4, 0.1, device_type="cpu")
+    optimizer = build_optimizers(model, TrainConfig(), device_type="cpu")  # the GPT-2 recipe's AdamW
     runner = torch.compile(model) if compile else model
 
     def step() -> float:
-        kwargs = dict(grad_accum_steps=1, lr=6e-4, grad_clip=1.0, ctx=DistContext(), dtype=dtype)
+        kwargs = dict(grad_accum_steps=1, lr_multiplier=1.0, grad_clip=1.0, ctx=DistContext(), dtype=dtype)
         return train_step(runner, optimizer, lambda: batch, **kwargs).loss
 
     return step
