@@ -409,8 +409,9 @@ class WandbTracker:
         except Exception as e:
             if offline:
                 raise
-            warn(f"W&B server not reachable ({_one_line(e)}); writing the run offline into {wandb_dir}, "
+            warn(f"W&B cannot go online ({_one_line(e)}); writing the run offline into {wandb_dir}, "
                  f"upload it later with: wandb sync {wandb_dir}")  # fmt: skip
+            _teardown_wandb()  # W&B's service still holds the failed run's id
             return wandb.init(mode="offline", **kwargs)
 
     def describe(self) -> str:

@@ -173,7 +173,11 @@ def wandb_segments(out: Path) -> list[tuple[dict[str, Any], list[tuple[str, int,
         if path.parent.is_symlink():  # latest-run
             continue
         cmd = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)]
-        lines = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120).stdout.splitlines()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0 and "No such command" in proc.stderr:
+            pytest.skip("this wandb has no `wandb leet` to read runs back with")
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
         records = [json.loads(line) for line in lines if line.strip()]
         run = next(r["run"] for r in records if r["type"] == "run")
         history = []
@@ -329,21 +333,25 @@ def test_wandb_added_when_resuming_gets_the_history(tmp_path: Path) -> None:
     assert_same(wandb_values(tmp_path), expected_wandb(JsonlLog(tmp_path / "log.jsonl").read()))
 
 
-def test_wandb_unreachable_falls_back_to_offline(tmp_path: Path) -> None:
-    """Online mode without an API key (or network): one warning, then an offline run; no prompt, no hang."""
+@pytest.mark.parametrize("api_key", [None, "local-" + "0" * 40], ids=["no-api-key", "no-server"])
+def test_wandb_unreachable_falls_back_to_offline(tmp_path: Path, api_key: str | None) -> None:
+    """Online mode without an API key, or with one but no server to reach: one warning, then an offline run
+    under the same id; no prompt, no hang (the init timeout is cut to 2 s here)."""
     pytest.importorskip("wandb")
     script = f"""
-        from gpt2.tracking import open_trackers
-        trackers = open_trackers({str(tmp_path)!r}, wandb_project="p", warn=lambda m: print("WARN", m))
+        import gpt2.tracking
+        gpt2.tracking.WANDB_INIT_TIMEOUT_S = 2.0
+        trackers = gpt2.tracking.open_trackers({str(tmp_path)!r}, wandb_project="p", warn=lambda m: print("WARN", m))
         trackers.log_record({{"step": 0, "kind": "val", "loss": 1.5}})
         print(trackers.notes)
         trackers.close()
     """
     home = str(tmp_path / "home")  # no API key there
-    proc = python(script, wandb_defaults=True, HOME=home, WANDB_CONFIG_DIR=home, WANDB_BASE_URL="http://127.0.0.1:9")
+    env = dict(HOME=home, WANDB_CONFIG_DIR=home, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_SILENT="true")
+    proc = python(script, wandb_defaults=True, **env, **({"WANDB_API_KEY": api_key} if api_key else {}))
     assert proc.returncode == 0, proc.stderr
     warns = [line for line in proc.stdout.splitlines() if line.startswith("WARN")]
-    assert len(warns) == 1 and "writing the run offline" in warns[0] and "wandb sync" in warns[0]
+    assert len(warns) == 1 and "W&B cannot go online" in warns[0] and "wandb sync" in warns[0], proc.stdout
     assert "offline run" in proc.stdout
     assert_same(wandb_values(tmp_path), {("val/loss", 0): 1.5})
 
