@@ -8,6 +8,7 @@ The defaults are the GPT-2 124M recipe of the GPT-3 paper as build-nanogpt runs 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from gpt2.cli import flag, option
@@ -15,6 +16,7 @@ from gpt2.distributed import DEVICES, DTYPES
 from gpt2.errors import UserError
 from gpt2.model import PRESETS, GPTConfig
 from gpt2.tokenizer import N_VOCAB
+from gpt2.tracking import check_available
 
 PADDED_VOCAB_MULTIPLE = 64  # 50257 -> 50304 rows: aligned matmuls on GPUs, never predicted (logits are cut)
 
@@ -68,6 +70,13 @@ class TrainConfig:
         "auto: continue from the newest checkpoint in --out; never: refuse a non-empty --out; "
         "or a checkpoint file to start from",
     )
+    tensorboard: str | None = option(
+        None, "mirror log.jsonl to TensorBoard event files in DIR (given alone: <out>/tb; needs the [track] extra)",
+        bare="", metavar="DIR",
+    )  # fmt: skip
+    wandb: str | None = option(None, "mirror log.jsonl to this Weights & Biases project (needs [track])",
+                               metavar="PROJECT")  # fmt: skip
+    wandb_run: str | None = option(None, "the W&B run's display name (default: W&B's)", metavar="NAME")
     peak_tflops: str = option(
         "auto", "device bf16 peak for MFU: auto (known GPUs; measured once on CPU), none, or a number in TFLOP/s"
     )
@@ -110,6 +119,7 @@ class TrainConfig:
         if self.init_from is not None and any(getattr(self, n) is not None for n in ARCH_OVERRIDES):
             raise UserError("--init-from takes the pretrained model's architecture; drop the architecture overrides")
         self.peak_flops()  # validates --peak-tflops
+        check_available(wandb=self.wandb is not None, tensorboard=self.tensorboard is not None)
         if self.init_from is None:
             self.model_config()  # validates the architecture (e.g. --n-embd divisible by --n-head)
 
@@ -121,6 +131,12 @@ class TrainConfig:
         except ValueError as e:
             raise UserError(f"invalid architecture: {e}") from None
         return config.limit_vocab(N_VOCAB)  # ids past the tokenizer's would be padding: never predicted
+
+    def tensorboard_dir(self) -> Path | None:
+        """Where ``--tensorboard`` writes: its DIR, or ``<out>/tb`` when given alone; None when off."""
+        if self.tensorboard is None:
+            return None
+        return Path(self.tensorboard) if self.tensorboard else Path(self.out) / "tb"
 
     def use_compile(self, device_type: str) -> bool:
         return self.compile if self.compile is not None else device_type == "cuda"

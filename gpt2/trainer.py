@@ -47,6 +47,7 @@ from gpt2.runlog import LOG_FILE, JsonlLog, Reporter
 from gpt2.sample import sample_text
 from gpt2.schedule import lr_multiplier
 from gpt2.tokenizer import get_encoding
+from gpt2.tracking import Trackers, open_trackers
 
 OTHER_STOP = 1000  # a stop requested by code rather than by a signal (signal numbers are smaller)
 
@@ -367,13 +368,25 @@ class Trainer:
             self.train_model = DDP(self.compiled, device_ids=device_ids)
 
     def _open_log(self) -> None:
-        """Rank 0's log.jsonl, cut back to the history of the state being resumed."""
+        """Rank 0's log.jsonl, cut back to the history of the state being resumed, and its tracker mirrors."""
+        cfg = self.cfg
         self.log = JsonlLog(self.out / LOG_FILE) if self.ctx.is_main else None
-        if self.log is not None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            dropped = self.log.truncate_to(self.start_step)
-            if dropped:
-                self.say(f"{self.log.path}: dropped {dropped} records after step {self.start_step} (not checkpointed)")
+        self.trackers = Trackers()
+        if self.log is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        logged = self.log.read()  # before the cut: what an interrupted attempt may already have sent to trackers
+        dropped = self.log.truncate_to(self.start_step)
+        if dropped:
+            self.say(f"{self.log.path}: dropped {dropped} records after step {self.start_step} (not checkpointed)")
+        if cfg.wandb is not None or cfg.tensorboard is not None:
+            self.trackers = open_trackers(
+                self.out, wandb_project=cfg.wandb, wandb_run=cfg.wandb_run, tensorboard_dir=cfg.tensorboard_dir(),
+                resume_step=self.start_step, logged=logged, warn=lambda text: self.say(f"warning: {text}"),
+            )  # fmt: skip
+            for note in self.trackers.notes:
+                self.say(note)
+            self.trackers.log_config(cfg.to_dict())
 
     def say(self, text: str) -> None:
         if self.reporter is not None:
@@ -382,6 +395,7 @@ class Trainer:
     def report(self, rec: dict[str, Any]) -> None:
         if self.log is not None:
             self.log.append(rec)
+            self.trackers.log_record(rec)
         if self.reporter is not None:
             self.reporter.record(rec)
 
@@ -539,6 +553,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, stop: StopRequest 
     """Train according to ``cfg`` in this process (one rank of a torchrun job, or alone)."""
     ctx = init_distributed(cfg.device)
     try:
-        return Trainer(cfg, ctx, reporter, stop or StopRequest()).run()
+        trainer = Trainer(cfg, ctx, reporter, stop or StopRequest())
+        with trainer.trackers:  # closed (with the exit status) however the run ends
+            return trainer.run()
     finally:
         destroy_distributed()

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support import write_shards
 
+from gpt2.config import TrainConfig
 from gpt2.errors import UserError
 from gpt2.runlog import JsonlLog
 from gpt2.tracking import (
@@ -31,6 +33,7 @@ from gpt2.tracking import (
     open_trackers,
     record_values,
 )
+from gpt2.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"model": "tiny", "max_steps": 12, "lr": 6e-4, "out": Path("runs/x")}
@@ -512,3 +515,67 @@ def test_trackers_without_backends_do_nothing() -> None:
     trackers.log_config(CONFIG)
     trackers.log_record(run_records()[0])
     trackers.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Through the real trainer
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(0)
+    tokens = np.repeat(rng.integers(0, 256, 8_000), 2)
+    return write_shards(tmp_path_factory.mktemp("shards"), tokens[:2_000], [tokens[2_000:]])
+
+
+def tiny_run(data: Path, out: Path, **overrides: Any) -> TrainConfig:
+    settings = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=256, seq_len=16, micro_batch=2,
+                    batch_tokens=32, max_steps=8, warmup_steps=2, eval_every=2, val_tokens=256, sample_every=4,
+                    max_new_tokens=4, sample_prompt="a", save_every=5, device="cpu", dtype="fp32", compile=False,
+                    peak_tflops="none")  # fmt: skip
+    return TrainConfig(data=str(data), out=str(out), **{**settings, **overrides})
+
+
+def crash_after_the_run_and_resume(cfg: TrainConfig) -> None:
+    """Train to the end, lose the final checkpoint (a crash before it was written), resume from step 5: the log
+    and the trackers get steps 5-8 twice, and must each keep them once."""
+    train(cfg)
+    (Path(cfg.out) / "ckpt_000008.pt").unlink()
+    train(cfg)
+
+
+def test_the_trainers_tensorboard_equals_its_log_after_a_crash_and_resume(shards: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    crash_after_the_run_and_resume(tiny_run(shards, tmp_path, tensorboard=""))
+    records = JsonlLog(tmp_path / "log.jsonl").read()
+    assert sorted(r["step"] for r in records if r["kind"] == "train") == list(range(8))  # each step once
+    assert tb_scalars(tmp_path / "tb") == expected_scalars(records)
+
+
+@pytest.mark.slow
+def test_the_trainers_wandb_run_holds_its_log_and_resumes_under_the_same_id(shards: Path, tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    # No samples: a 256-token model's text is arbitrary bytes (texts are compared in the tests above).
+    crash_after_the_run_and_resume(tiny_run(shards, tmp_path, wandb="gpt2-tests", wandb_run="tiny", sample_every=0))
+    records = JsonlLog(tmp_path / "log.jsonl").read()
+    segments = wandb_segments(tmp_path)
+    assert len(segments) == 2 and len({run["run_id"] for run, _ in segments}) == 1  # one run, resumed
+    got = wandb_values(tmp_path)  # a step seen twice fails
+    timing = ("train/dt_ms", "train/tok_per_s")  # a repeated step keeps its first attempt's (equal, fp32) values
+    want = {k: v for k, v in expected_wandb(records).items() if k[0] not in timing}
+    assert_same({k: v for k, v in got.items() if k[0] not in timing}, want)
+
+
+def test_tracking_flags_without_the_extra_stop_before_training(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_tensorboard(name: str, *args: Any):
+        if name.startswith("tensorboard"):
+            raise ImportError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_tensorboard)
+    with pytest.raises(UserError, match=r'pip install -e "\.\[track\]"'):
+        tiny_run(tmp_path, tmp_path / "out", tensorboard="")
