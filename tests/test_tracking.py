@@ -33,7 +33,7 @@ from gpt2.tracking import (
     open_trackers,
     record_values,
 )
-from gpt2.trainer import train
+from gpt2.trainer import StopRequest, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"model": "tiny", "max_steps": 12, "lr": 6e-4, "out": Path("runs/x")}
@@ -536,9 +536,25 @@ def tiny_run(data: Path, out: Path, **overrides: Any) -> TrainConfig:
     return TrainConfig(data=str(data), out=str(out), **{**settings, **overrides})
 
 
+class StopAfter:
+    """A reporter that asks the trainer to stop after a step, as SIGTERM does (checkpoint, then exit)."""
+
+    def __init__(self, stop: StopRequest, step: int) -> None:
+        self.stop, self.step = stop, step
+
+    def record(self, rec: dict[str, Any]) -> None:
+        if rec["kind"] == "train" and rec["step"] + 1 == self.step:
+            self.stop.request("SIGTERM")
+
+    def message(self, text: str) -> None:
+        pass
+
+
 def crash_after_the_run_and_resume(cfg: TrainConfig) -> None:
-    """Train to the end, lose the final checkpoint (a crash before it was written), resume from step 5: the log
-    and the trackers get steps 5-8 twice, and must each keep them once."""
+    """Stop after step 3 as on SIGTERM and resume; train to the end, lose the final checkpoint (a crash before it
+    was written) and resume from step 5: the log and the trackers get steps 5-8 twice, and must keep them once."""
+    stop = StopRequest()
+    assert train(cfg, StopAfter(stop, 3), stop).stopped_by == "SIGTERM"
     train(cfg)
     (Path(cfg.out) / "ckpt_000008.pt").unlink()
     train(cfg)
