@@ -575,7 +575,7 @@ def test_the_trainers_wandb_run_holds_its_log_and_resumes_under_the_same_id(shar
     crash_after_the_run_and_resume(tiny_run(shards, tmp_path, wandb="gpt2-tests", wandb_run="tiny", sample_every=0))
     records = JsonlLog(tmp_path / "log.jsonl").read()
     segments = wandb_segments(tmp_path)
-    assert len(segments) == 2 and len({run["run_id"] for run, _ in segments}) == 1  # one run, resumed
+    assert len(segments) == 3 and len({run["run_id"] for run, _ in segments}) == 1  # one run, resumed twice
     got = wandb_values(tmp_path)  # a step seen twice fails
     timing = ("train/dt_ms", "train/tok_per_s")  # a repeated step keeps its first attempt's (equal, fp32) values
     want = {k: v for k, v in expected_wandb(records).items() if k[0] not in timing}
