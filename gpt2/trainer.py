@@ -40,6 +40,7 @@ from gpt2.data import PAD_TARGET, TrainLoader, ValLoader, list_shards
 from gpt2.distributed import DistContext, all_reduce_sum, autocast, barrier, destroy_distributed, init_distributed
 from gpt2.errors import EXIT_DIVERGED, UserError
 from gpt2.hf import load_hf_model
+from gpt2.hostmem import HostMemory
 from gpt2.metrics import device_peak, mfu
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import Optimizers, build_optimizers
@@ -115,21 +116,24 @@ def forward_backward(
     dtype: str,
 ) -> torch.Tensor:
     """Accumulate the gradient of the global batch's mean loss over ``grad_accum_steps`` micro-batches;
-    return this rank's mean loss (detached)."""
+    return this rank's mean loss (detached).
+
+    One autocast region spans all micro-steps: autocast caches the bf16 copy of each fp32 weight until the
+    region ends, so the weights are cast once per optimizer step instead of once per micro-step.
+    """
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
-    for micro_step in range(grad_accum_steps):
-        x, y = next_batch()
-        # DDP all-reduces gradients during backward; do it once, on the last micro-step, not every time.
-        last = micro_step == grad_accum_steps - 1
-        sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
-        with sync:
-            with autocast(device_type, dtype):
+    with autocast(device_type, dtype):
+        for micro_step in range(grad_accum_steps):
+            x, y = next_batch()
+            # DDP all-reduces gradients during backward; do it once, on the last micro-step, not every time.
+            last = micro_step == grad_accum_steps - 1
+            with contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
                 _, loss = model(x, y)
-            # Every micro-batch holds the same number of tokens, so the mean of the means is the global mean;
-            # DDP then averages the ranks' gradients, which are means over equal shares too.
-            loss = loss / grad_accum_steps
-            loss.backward()
-        loss_sum += loss.detach()
+                # Every micro-batch holds the same number of tokens, so the mean of the means is the global mean;
+                # DDP then averages the ranks' gradients, which are means over equal shares too.
+                loss = loss / grad_accum_steps
+                loss.backward()
+            loss_sum += loss.detach()
     return loss_sum
 
 
@@ -215,8 +219,8 @@ def check_architecture(ckpt: dict[str, Any], cfg: TrainConfig, source: Path) -> 
     """A run directory belongs to one architecture: refuse to continue it with another."""
     if cfg.init_from is not None:
         return  # the architecture is the pretrained model's, whatever the flags say
-    wanted = cfg.model_config().to_dict()
-    diffs = [f"{k} {ckpt['config'].get(k)} vs {v}" for k, v in wanted.items() if ckpt["config"].get(k) != v]
+    wanted, saved = cfg.model_config().to_dict(), config_from_checkpoint(ckpt, source).to_dict()
+    diffs = [f"{k} {saved[k]} vs {v}" for k, v in wanted.items() if saved[k] != v]
     if diffs:
         raise UserError(
             f"{source} is a checkpoint of a different architecture ({', '.join(diffs)} in this run); "
@@ -337,6 +341,7 @@ class Trainer:
                 component.load_state_dict(ckpt[name])
         self.start_step, self.last_checkpoint = self.progress.step, ckpt_path
         self._wrap_model()
+        self.host_memory = HostMemory.keep_freed(ctx.device_type)  # CPU: no page re-zeroing every micro-step
         self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
         self.peak_flops = device_peak(ctx.device, cfg.peak_flops()) if ctx.is_main else None
         self._open_log()
@@ -365,7 +370,8 @@ class Trainer:
         self.train_model = self.compiled
         if self.ctx.is_distributed:
             device_ids = [self.ctx.local_rank] if self.ctx.device_type == "cuda" else None
-            self.train_model = DDP(self.compiled, device_ids=device_ids)
+            # Gradients as views into DDP's all-reduce buckets: one copy of them in memory, not two.
+            self.train_model = DDP(self.compiled, device_ids=device_ids, gradient_as_bucket_view=True)
 
     def _open_log(self) -> None:
         """Rank 0's log.jsonl, cut back to the history of the state being resumed, and its tracker mirrors."""
@@ -458,6 +464,8 @@ class Trainer:
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"non-finite {e} at step {step}; stopping ({self._last_good()})") from None
         dt = time.perf_counter() - t0
+        if self.host_memory is not None:
+            self.host_memory.after_step()
         tok_per_s = cfg.batch_tokens / dt
         self.report(
             {
