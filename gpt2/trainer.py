@@ -447,8 +447,9 @@ class Trainer:
     def _train(self, step: int) -> None:
         cfg = self.cfg
         multiplier = lr_multiplier(
-            step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr / cfg.lr
-        )
+            step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr / cfg.lr,
+            schedule=cfg.schedule, cooldown_frac=cfg.cooldown_frac,
+        )  # fmt: skip
         t0 = time.perf_counter()
         try:
             stats = train_step(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
-from support import SHARED_DATA
+from support import SHARED_DATA, write_shards
 
 
 @pytest.fixture
@@ -14,3 +15,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random tokens below 256 with a learnable pattern (every other token repeats the one before it)."""
+    rng = np.random.default_rng(0)
+    tokens = np.repeat(rng.integers(0, 256, 40_000), 2)
+    return write_shards(tmp_path_factory.mktemp("synthetic"), tokens[:8_000], [tokens[8_000:40_000], tokens[40_000:]])
