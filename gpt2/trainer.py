@@ -37,7 +37,16 @@ from gpt2.checkpoint import (
 from gpt2.cli import flag
 from gpt2.config import PADDED_VOCAB_MULTIPLE, TrainConfig
 from gpt2.data import PAD_TARGET, TrainLoader, ValLoader, list_shards
-from gpt2.distributed import DistContext, all_reduce_sum, autocast, barrier, destroy_distributed, init_distributed
+from gpt2.distributed import (
+    DistContext,
+    all_reduce_sum,
+    autocast,
+    barrier,
+    destroy_distributed,
+    enable_tf32,
+    init_distributed,
+    peak_memory_gib,
+)
 from gpt2.errors import EXIT_DIVERGED, UserError
 from gpt2.hf import load_hf_model
 from gpt2.hostmem import HostMemory
@@ -294,13 +303,6 @@ def check_sampling(cfg: TrainConfig, config: GPTConfig) -> None:
         )
 
 
-def enable_tf32(device_type: str) -> None:
-    """TF32 tensor cores for the fp32 matmuls left outside autocast (CUDA only)."""
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -479,6 +481,7 @@ class Trainer:
                 "dt_ms": 1000 * dt,
                 "tok_per_s": tok_per_s,
                 "mfu": mfu(self.flops_per_token, tok_per_s / self.ctx.world_size, self.peak_flops),
+                **({"peak_mem_gib": memory} if (memory := peak_memory_gib(self.ctx.device)) is not None else {}),
             }
         )
 
