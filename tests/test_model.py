@@ -27,9 +27,13 @@ def test_padded_vocab_is_never_scored_or_sampled():
     with torch.no_grad():  # make the padded rows irresistible: they must still not appear
         model.transformer.wte.weight[50257:] = 100.0
     idx = torch.randint(0, 50257, (2, 16))
-    logits, loss = model(idx, idx)
+    logits, _ = model(idx)
+    _, loss = model(idx, idx)  # with targets: the loss alone, the logits never materialised
     assert logits.shape == (2, 16, 50257)
     assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten()).item())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the fused loss excludes the padding too
+        _, fused = model(idx, idx)
+    assert fused.item() == pytest.approx(loss.item(), rel=1e-2)
 
 
 def test_causal_and_loss_matches_definition():
