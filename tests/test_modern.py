@@ -204,6 +204,7 @@ def test_modern_resume_is_bit_identical(synthetic: Path, tmp_path: Path):
         assert losses(read_log(tmp_path / "resumed"), kind) == losses(read_log(tmp_path / "straight"), kind)
 
 
+@pytest.mark.slow
 def test_modern_compiled_run_trains_evaluates_and_samples(synthetic: Path, tmp_path: Path):
     cap = Capture()
     train(tiny(synthetic, tmp_path, **MODERN, compile=True, n_layer=1, max_steps=3, eval_every=3, val_tokens=256,
@@ -230,6 +231,7 @@ def test_hellaswag_on_a_modern_checkpoint_equals_brute_force_scoring(tmp_path: P
 # One-line errors
 
 
+@pytest.mark.slow
 def test_unknown_recipe_odd_rotary_head_and_exporting_a_modern_model_are_clear_errors(tmp_path: Path):
     bad = run_python("train.py", "--recipe", "llama")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "invalid choice: 'llama'" in bad.stderr

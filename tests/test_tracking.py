@@ -302,6 +302,7 @@ def test_tensorboard_added_when_resuming_gets_the_history(tmp_path: Path) -> Non
 # Weights & Biases (offline)
 
 
+@pytest.mark.slow
 def test_wandb_offline_mirrors_log(tmp_path: Path) -> None:
     pytest.importorskip("wandb")
     launch(tmp_path, 0, None, attempt=0, wandb_project="gpt2-test", wandb_run="tiny")
@@ -312,6 +313,7 @@ def test_wandb_offline_mirrors_log(tmp_path: Path) -> None:
     assert run["run_id"] == state["wandb"]["id"] and run["project"] == "gpt2-test" and run["display_name"] == "tiny"
 
 
+@pytest.mark.slow
 def test_wandb_offline_resume_continues_the_run_without_duplicates(tmp_path: Path) -> None:
     pytest.importorskip("wandb")
     interrupted_run(tmp_path, wandb_project="gpt2-test")
@@ -329,6 +331,7 @@ def test_wandb_offline_resume_continues_the_run_without_duplicates(tmp_path: Pat
     assert_same(values, expected_wandb(first_sent))
 
 
+@pytest.mark.slow
 def test_wandb_added_when_resuming_gets_the_history(tmp_path: Path) -> None:
     pytest.importorskip("wandb")
     launch(tmp_path, 0, 7, attempt=0)
@@ -336,6 +339,7 @@ def test_wandb_added_when_resuming_gets_the_history(tmp_path: Path) -> None:
     assert_same(wandb_values(tmp_path), expected_wandb(JsonlLog(tmp_path / "log.jsonl").read()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api_key", [None, "local-" + "0" * 40], ids=["no-api-key", "no-server"])
 def test_wandb_unreachable_falls_back_to_offline(tmp_path: Path, api_key: str | None) -> None:
     """Online mode without an API key, or with one but no server to reach: one warning, then an offline run
@@ -363,6 +367,7 @@ def test_wandb_unreachable_falls_back_to_offline(tmp_path: Path, api_key: str | 
 # The evaluator
 
 
+@pytest.mark.slow
 def test_evaluator_logs_into_the_tracked_run(tmp_path: Path) -> None:
     pytest.importorskip("wandb")
     pytest.importorskip("tensorboard")
@@ -384,6 +389,7 @@ def test_evaluator_logs_into_the_tracked_run(tmp_path: Path) -> None:
     assert {run["run_id"] for run, _ in wandb_segments(tmp_path)} == {run_id}
 
 
+@pytest.mark.slow
 def test_evaluator_beside_a_live_trainer_writes_an_offline_segment(tmp_path: Path) -> None:
     """The evaluator (another process, as with ``eval_hellaswag.py --watch``) while the trainer holds the run."""
     pytest.importorskip("wandb")
@@ -469,6 +475,7 @@ def test_tensorboard_disk_full_warns_once(tmp_path: Path) -> None:
     assert tb_scalars(tmp_path / "tb2") == expected_scalars(records)
 
 
+@pytest.mark.slow
 def test_wandb_process_death_warns_once_and_tensorboard_goes_on(tmp_path: Path) -> None:
     """The W&B service process dies mid-run (killed in a child Python, so this process keeps its own)."""
     pytest.importorskip("wandb")
