@@ -5,6 +5,7 @@ A plain module (not a test module and not conftest): tests import what they need
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from gpt2.config import TrainConfig
 from gpt2.hellaswag import Example
 from gpt2.model import GPT, GPTConfig
 from gpt2.tokenizer import get_encoding
@@ -64,3 +66,50 @@ def reference_losses(model: torch.nn.Module, example: Example) -> tuple[list[flo
         logprobs = F.log_softmax(logits[0].double(), dim=-1)
         sums.append(-sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(ending)))
     return sums, [s / len(e) for s, e in zip(sums, endings)]
+
+
+# On a shared CPU, OpenMP threads spinning against other processes make tiny steps up to 100x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+# A model whose steps take milliseconds on a CPU: 2 layers, 32 wide, a 256-token vocabulary (synthetic data).
+TINY = dict(
+    n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=256, seq_len=32, micro_batch=2, batch_tokens=128,
+    warmup_steps=2, max_steps=20, eval_every=0, val_tokens=1024, sample_every=0, save_every=0,
+    device="cpu", dtype="fp32", compile=False, peak_tflops="none",
+)  # fmt: skip
+
+
+def synthetic_shards(directory: Path) -> Path:
+    """Random tokens below 256 with a learnable pattern (every other token repeats the one before it)."""
+    rng = np.random.default_rng(0)
+    tokens = np.repeat(rng.integers(0, 256, 40_000), 2)
+    return write_shards(directory, tokens[:8_000], [tokens[8_000:40_000], tokens[40_000:]])
+
+
+def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
+    """The ``TINY`` training run on ``data`` into ``out``."""
+    return TrainConfig(data=str(data), out=str(out), **{**TINY, **overrides})
+
+
+def cli_flags(data: Path, out: Path, **overrides) -> list[str]:
+    """The train.py command line of ``tiny(data, out, **overrides)``."""
+    args = []
+    for name, value in {**TINY, **overrides, "data": data, "out": out}.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def read_log(out: Path) -> list[dict]:
+    """The records of ``out/log.jsonl``."""
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def losses(records: list[dict], kind: str = "train") -> dict[int, float]:
+    """Step -> loss of the ``kind`` records ("train" or "val"), each step exactly once."""
+    steps = [r["step"] for r in records if r["kind"] == kind]
+    assert len(steps) == len(set(steps)), f"duplicate {kind} records: {steps}"
+    return {r["step"]: r["loss"] for r in records if r["kind"] == kind}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import ROOT, run_python, write_shards
+from support import ONE_THREAD, ROOT, cli_flags, losses, read_log, run_python, tiny, write_shards
 
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model
 from gpt2.cli import parse
@@ -30,48 +30,7 @@ from gpt2.schedule import lr_multiplier
 from gpt2.tokenizer import EOT_ID, get_encoding
 from gpt2.trainer import NonFiniteLoss, StopRequest, train
 
-# A model whose steps take milliseconds on a CPU: 2 layers, 32 wide, a 256-token vocabulary (synthetic data).
-TINY = dict(
-    n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=256, seq_len=32, micro_batch=2, batch_tokens=128,
-    warmup_steps=2, max_steps=20, eval_every=0, val_tokens=1024, sample_every=0, save_every=0,
-    device="cpu", dtype="fp32", compile=False, peak_tflops="none",
-)  # fmt: skip
-
-
-# On a shared CPU, OpenMP threads spinning against other processes make tiny steps up to 100x slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random tokens below 256 with a learnable pattern (every other token repeats the one before it)."""
-    rng = np.random.default_rng(0)
-    tokens = np.repeat(rng.integers(0, 256, 40_000), 2)
-    return write_shards(tmp_path_factory.mktemp("synthetic"), tokens[:8_000], [tokens[8_000:40_000], tokens[40_000:]])
-
-
-def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
-    return TrainConfig(data=str(data), out=str(out), **{**TINY, **overrides})
-
-
-def cli_flags(data: Path, out: Path, **overrides) -> list[str]:
-    """The train.py command line of ``tiny(data, out, **overrides)``."""
-    args = []
-    for name, value in {**TINY, **overrides, "data": data, "out": out}.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + flag[2:])
-        else:
-            args += [flag, str(value)]
-    return args
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Capture:
@@ -88,16 +47,6 @@ class Capture:
 
     def message(self, text: str) -> None:
         self.messages.append(text)
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
-def losses(records: list[dict], kind: str = "train") -> dict[int, float]:
-    steps = [r["step"] for r in records if r["kind"] == kind]
-    assert len(steps) == len(set(steps)), f"duplicate {kind} records: {steps}"
-    return {r["step"]: r["loss"] for r in records if r["kind"] == kind}
 
 
 @pytest.fixture(scope="module")
