@@ -129,7 +129,7 @@ class Part:
 
     tokens: tuple[int, int]
     tok_per_s: float
-    tok_per_cpu_s: float  # tokens per second of CPU time: what throughput would be with the cores to itself
+    tok_per_cpu_s: float  # per CPU-second of the parent and workers: not affected by other work on the cores
     load: float
     parent_rss_mb: float
     workers_rss_mb: float

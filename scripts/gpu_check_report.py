@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -50,7 +49,7 @@ def training_run(log: Path, steps: int, wall_s: float) -> dict[str, Any]:
     """Throughput, MFU, peak memory and compile time of one run, from its ``log.jsonl``.
 
     Step 0 includes compilation: the compile time is its duration less the median of the other steps.
-    Memory: the largest value of any train-record key containing "mem" (named as logged), if there is one.
+    Memory: the largest value of each train-record key containing "mem" (as logged), where there are numbers.
     """
     records = [json.loads(line) for line in log.read_text().splitlines()]
     train = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
@@ -59,11 +58,11 @@ def training_run(log: Path, steps: int, wall_s: float) -> dict[str, Any]:
     rest = train[1:] or train
     median_step_ms = statistics.median(r["dt_ms"] for r in rest)
     mfus = [r["mfu"] for r in rest if r.get("mfu") is not None]
-    memory_keys = sorted({k for r in train for k in r if "mem" in k})
+    memory_keys = sorted({k for r in train for k, v in r.items() if "mem" in k and positive(v)})
     run = {
         "tok_per_s": statistics.median(r["tok_per_s"] for r in rest),
         "mfu": statistics.median(mfus) if mfus else None,
-        "peak_memory": {k: max(r[k] for r in train if k in r) for k in memory_keys} or None,
+        "peak_memory": {k: max(r[k] for r in train if positive(r.get(k))) for k in memory_keys} or None,
         "compile_s": (train[0]["dt_ms"] - median_step_ms) / 1e3,
         "first_step_s": train[0]["dt_ms"] / 1e3,
         "median_step_s": median_step_ms / 1e3,
@@ -91,13 +90,21 @@ def prepare_run(work: Path, name: str, seconds: float) -> dict[str, Any]:
             "tok_per_s": manifest["tokens"] / seconds}  # fmt: skip
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo, as lscpu shows it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
 def host() -> dict[str, Any]:
+    """The machine and software the figures were measured on."""
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()  # fmt: skip
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"gpu": gpu, "gpus": torch.cuda.device_count(), "cpu": cpu, "cpu_cores": default_workers(),
+    return {"gpu": gpu, "gpus": torch.cuda.device_count(), "cpu": cpu_model(), "cpu_cores": default_workers(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}  # fmt: skip
 
 

@@ -72,7 +72,8 @@ def test_report_reads_compile_time_memory_and_refuses_a_non_finite_loss(tmp_path
     report = load_report_module()
     log = tmp_path / "log.jsonl"
     records = [{"step": s, "kind": "train", "loss": 5.0 - s, "dt_ms": 30_000.0 if s == 0 else 100.0 + s,
-                "tok_per_s": 1e5 * (s + 1), "mfu": 0.4, "cuda_max_mem_gb": 40.0 + s} for s in range(4)]  # fmt: skip
+                "tok_per_s": 1e5 * (s + 1), "mfu": 0.4, "cuda_max_mem_gb": 40.0 + s, "rss_mem": None}
+               for s in range(4)]  # fmt: skip
     log.write_text("".join(json.dumps(r) + "\n" for r in [*records, {"step": 4, "kind": "val", "loss": 1.0}]))
     run = report.training_run(log, steps=4, wall_s=60.0)
     assert run["compile_s"] == pytest.approx(29.898) and run["median_step_s"] == pytest.approx(0.102)
