@@ -30,15 +30,17 @@ def option(
     aliases: Sequence[str] = (),
     metavar: str | None = None,
     group: str | None = None,
+    bare: Any = None,
     cli: bool = True,
 ) -> Any:
     """A config field that is also a command-line argument.
 
     ``aliases`` are deprecated spellings that still work and print a note saying the new one; ``group``
-    puts the flag under a heading in ``--help``; ``cli=False`` keeps a field off the command line.
+    puts the flag under a heading in ``--help``; ``bare`` is the value of the flag given without one (its
+    argument becomes optional); ``cli=False`` keeps a field off the command line.
     """
     metadata = dict(help=help, choices=choices, positional=positional, short=short, aliases=tuple(aliases),
-                    metavar=metavar, group=group, cli=cli)  # fmt: skip
+                    metavar=metavar, group=group, bare=bare, cli=cli)  # fmt: skip
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -118,6 +120,8 @@ def _add_argument(parser: argparse._ActionsContainer, f: Field, hint: Any) -> No
             base, kwargs["nargs"] = typing.get_args(base)[0], "+"
         kwargs["type"] = base
         kwargs["metavar"] = meta["metavar"] or f.name.upper()
+        if meta["bare"] is not None:
+            kwargs.update(nargs="?", const=meta["bare"])
         if meta["choices"]:
             kwargs["choices"] = list(meta["choices"])
             del kwargs["metavar"]

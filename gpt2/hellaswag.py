@@ -45,6 +45,7 @@ from gpt2.hf import is_hub_id
 from gpt2.model import GPT
 from gpt2.scoring import ContinuationScorer, PackedRow, RowScores, pack_row, score_rows
 from gpt2.tokenizer import get_encoding
+from gpt2.tracking import Trackers, open_run_trackers
 
 log = logging.getLogger(__name__)
 
@@ -433,22 +434,36 @@ def score_run(
 
     state = state or RunState()
     results = []
-    for step, path in _on_main(pending, ctx):
-        model = _load_for_run(path, ctx, state.skipped if cfg.watch else None)
-        if model is None:
-            continue
-        if state.scorer is None or state.scorer.model.config != model.config:
-            state.scorer = ContinuationScorer(model, compile=cfg.compile)
-        else:  # same architecture: load the weights in place and keep the compiled trunk
-            state.scorer.model.load_state_dict(model.state_dict())
-        result = _evaluate_with(state.scorer, examples, ctx, cfg.batch_size, cfg.dtype, cfg.progress, False)
-        if ctx.is_main:
-            record = {"step": step, "acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
-            atomic_write_text(run_dir / SCORES_FILE, _jsonl([*read_scores(run_dir), record]))
-            say(f"step {step}: {result.summary()}")
-        barrier(ctx)
-        results.append(result)
+    todo = _on_main(pending, ctx)
+    # A run trained with --tensorboard/--wandb gets the scores too (rank 0; nothing when it was not tracked).
+    trackers = open_run_trackers(run_dir, warn=log.warning) if todo and ctx.is_main else Trackers()
+    with trackers:
+        for step, path in todo:
+            result = _score_checkpoint(cfg, examples, ctx, state, path)
+            if result is None:
+                continue
+            if ctx.is_main:
+                record = {"step": step, "acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
+                atomic_write_text(run_dir / SCORES_FILE, _jsonl([*read_scores(run_dir), record]))
+                trackers.log_record({"kind": "hellaswag", **record})
+                say(f"step {step}: {result.summary()}")
+            barrier(ctx)
+            results.append(result)
     return results
+
+
+def _score_checkpoint(
+    cfg: EvalConfig, examples: list[Example], ctx: DistContext, state: RunState, path: str
+) -> HellaSwagResult | None:
+    """One checkpoint of a run scored on every rank (None: unreadable for now, while watching)."""
+    model = _load_for_run(path, ctx, state.skipped if cfg.watch else None)
+    if model is None:
+        return None
+    if state.scorer is None or state.scorer.model.config != model.config:
+        state.scorer = ContinuationScorer(model, compile=cfg.compile)
+    else:  # same architecture: load the weights in place and keep the compiled trunk
+        state.scorer.model.load_state_dict(model.state_dict())
+    return _evaluate_with(state.scorer, examples, ctx, cfg.batch_size, cfg.dtype, cfg.progress, False)
 
 
 def _load_for_run(path: str, ctx: DistContext, skipped: set[str] | None) -> GPT | None:

@@ -142,6 +142,11 @@ def hf_config(config: GPTConfig) -> dict:
 def export_hf(model: GPT, out_dir: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads,
     and GPT-2's ``vocab.json`` + ``merges.txt`` for ``AutoTokenizer``."""
+    if differences := model.config.gpt2_compatible():
+        raise UserError(
+            f"transformers.GPT2LMHeadModel cannot hold this architecture ({', '.join(differences)}): only "
+            "checkpoints of GPT-2's own block (--recipe gpt2) export to Hugging Face"
+        )
     try:
         from safetensors.torch import save
     except ImportError:

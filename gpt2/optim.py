@@ -31,7 +31,8 @@ ROLES = ("embeddings", "matrices", "head", "gains")
 
 def params_by_role(model: GPT) -> dict[str, list[nn.Parameter]]:
     """Every trainable parameter under its role, in ``model.parameters()`` order within a role."""
-    embeddings = {id(p) for p in (model.transformer.wte.weight, model.transformer.wpe.weight)}
+    tables = [model.transformer.wte] + ([model.transformer.wpe] if "wpe" in model.transformer else [])
+    embeddings = {id(table.weight) for table in tables}
     head = model.lm_head.weight
     roles: dict[str, list[nn.Parameter]] = {role: [] for role in ROLES}
     for p in model.parameters():  # a tied weight is listed once
@@ -142,9 +143,28 @@ def _regrouped(saved: dict[str, Any], opt: torch.optim.Optimizer) -> dict[str, A
 
 
 def build_optimizers(model: GPT, cfg: TrainConfig, device_type: str) -> Optimizers:
-    """The optimizers of the run ``cfg`` describes. The GPT-2 recipe: one AdamW, every group at ``--lr``,
-    weight decay on embeddings, matrices and head, none on gains."""
-    decay, no_decay = GroupSpec(cfg.lr, cfg.weight_decay), GroupSpec(cfg.lr, 0.0)
-    specs = {"embeddings": decay, "matrices": decay, "head": decay, "gains": no_decay}
+    """The optimizers of the run ``cfg`` describes, every group with its recipe's base learning rate.
+
+    ``adamw`` (the GPT-2 recipe): one AdamW over all roles, weight decay on all but the gains; with GPT-2's
+    defaults every group runs at ``--lr``. ``muon``: ``torch.optim.Muon`` (momentum 0.95, Nesterov, 5
+    Newton-Schulz steps) orthogonalises the update of each hidden matrix; AdamW takes the embeddings, the head
+    and the gains, which are not matrices acting on the residual stream. Both see the all-reduced gradient:
+    DDP averages it during backward, before any step.
+    """
+    adam_specs = {
+        "embeddings": GroupSpec(cfg.embed_lr, cfg.weight_decay),
+        "head": GroupSpec(cfg.head_lr, cfg.weight_decay),
+        "gains": GroupSpec(cfg.gains_lr, 0.0),
+    }
+    if cfg.optimizer == "adamw":
+        adam_specs["matrices"] = GroupSpec(cfg.lr, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
-    return Optimizers({"adamw": adamw(model, specs, betas=betas, eps=cfg.eps, device_type=device_type)})
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        "adamw": adamw(model, adam_specs, betas=betas, eps=cfg.eps, device_type=device_type)
+    }
+    if cfg.optimizer == "muon":
+        matrices = params_by_role(model)["matrices"]
+        group = {"name": "matrices", "params": matrices, "base_lr": cfg.lr, "lr": cfg.lr,
+                 "weight_decay": cfg.weight_decay}  # fmt: skip
+        optimizers["muon"] = torch.optim.Muon([group], momentum=0.95, nesterov=True)
+    return Optimizers(optimizers)

@@ -37,9 +37,19 @@ from gpt2.checkpoint import (
 from gpt2.cli import flag
 from gpt2.config import PADDED_VOCAB_MULTIPLE, TrainConfig
 from gpt2.data import PAD_TARGET, TrainLoader, ValLoader, list_shards
-from gpt2.distributed import DistContext, all_reduce_sum, autocast, barrier, destroy_distributed, init_distributed
+from gpt2.distributed import (
+    DistContext,
+    all_reduce_sum,
+    autocast,
+    barrier,
+    destroy_distributed,
+    enable_tf32,
+    init_distributed,
+    peak_memory_gib,
+)
 from gpt2.errors import EXIT_DIVERGED, UserError
 from gpt2.hf import load_hf_model
+from gpt2.hostmem import HostMemory
 from gpt2.metrics import device_peak, mfu
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import Optimizers, build_optimizers
@@ -47,6 +57,7 @@ from gpt2.runlog import LOG_FILE, JsonlLog, Reporter
 from gpt2.sample import sample_text
 from gpt2.schedule import lr_multiplier
 from gpt2.tokenizer import get_encoding
+from gpt2.tracking import Trackers, open_trackers
 
 OTHER_STOP = 1000  # a stop requested by code rather than by a signal (signal numbers are smaller)
 
@@ -114,21 +125,24 @@ def forward_backward(
     dtype: str,
 ) -> torch.Tensor:
     """Accumulate the gradient of the global batch's mean loss over ``grad_accum_steps`` micro-batches;
-    return this rank's mean loss (detached)."""
+    return this rank's mean loss (detached).
+
+    One autocast region spans all micro-steps: autocast caches the bf16 copy of each fp32 weight until the
+    region ends, so the weights are cast once per optimizer step instead of once per micro-step.
+    """
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
-    for micro_step in range(grad_accum_steps):
-        x, y = next_batch()
-        # DDP all-reduces gradients during backward; do it once, on the last micro-step, not every time.
-        last = micro_step == grad_accum_steps - 1
-        sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
-        with sync:
-            with autocast(device_type, dtype):
+    with autocast(device_type, dtype):
+        for micro_step in range(grad_accum_steps):
+            x, y = next_batch()
+            # DDP all-reduces gradients during backward; do it once, on the last micro-step, not every time.
+            last = micro_step == grad_accum_steps - 1
+            with contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
                 _, loss = model(x, y)
-            # Every micro-batch holds the same number of tokens, so the mean of the means is the global mean;
-            # DDP then averages the ranks' gradients, which are means over equal shares too.
-            loss = loss / grad_accum_steps
-            loss.backward()
-        loss_sum += loss.detach()
+                # Every micro-batch holds the same number of tokens, so the mean of the means is the global mean;
+                # DDP then averages the ranks' gradients, which are means over equal shares too.
+                loss = loss / grad_accum_steps
+                loss.backward()
+            loss_sum += loss.detach()
     return loss_sum
 
 
@@ -214,8 +228,8 @@ def check_architecture(ckpt: dict[str, Any], cfg: TrainConfig, source: Path) -> 
     """A run directory belongs to one architecture: refuse to continue it with another."""
     if cfg.init_from is not None:
         return  # the architecture is the pretrained model's, whatever the flags say
-    wanted = cfg.model_config().to_dict()
-    diffs = [f"{k} {ckpt['config'].get(k)} vs {v}" for k, v in wanted.items() if ckpt["config"].get(k) != v]
+    wanted, saved = cfg.model_config().to_dict(), config_from_checkpoint(ckpt, source).to_dict()
+    diffs = [f"{k} {saved[k]} vs {v}" for k, v in wanted.items() if saved[k] != v]
     if diffs:
         raise UserError(
             f"{source} is a checkpoint of a different architecture ({', '.join(diffs)} in this run); "
@@ -289,13 +303,6 @@ def check_sampling(cfg: TrainConfig, config: GPTConfig) -> None:
         )
 
 
-def enable_tf32(device_type: str) -> None:
-    """TF32 tensor cores for the fp32 matmuls left outside autocast (CUDA only)."""
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -336,6 +343,7 @@ class Trainer:
                 component.load_state_dict(ckpt[name])
         self.start_step, self.last_checkpoint = self.progress.step, ckpt_path
         self._wrap_model()
+        self.host_memory = HostMemory.keep_freed(ctx.device_type)  # CPU: no page re-zeroing every micro-step
         self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
         self.peak_flops = device_peak(ctx.device, cfg.peak_flops()) if ctx.is_main else None
         self._open_log()
@@ -364,16 +372,29 @@ class Trainer:
         self.train_model = self.compiled
         if self.ctx.is_distributed:
             device_ids = [self.ctx.local_rank] if self.ctx.device_type == "cuda" else None
-            self.train_model = DDP(self.compiled, device_ids=device_ids)
+            # Gradients as views into DDP's all-reduce buckets: one copy of them in memory, not two.
+            self.train_model = DDP(self.compiled, device_ids=device_ids, gradient_as_bucket_view=True)
 
     def _open_log(self) -> None:
-        """Rank 0's log.jsonl, cut back to the history of the state being resumed."""
+        """Rank 0's log.jsonl, cut back to the history of the state being resumed, and its tracker mirrors."""
+        cfg = self.cfg
         self.log = JsonlLog(self.out / LOG_FILE) if self.ctx.is_main else None
-        if self.log is not None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            dropped = self.log.truncate_to(self.start_step)
-            if dropped:
-                self.say(f"{self.log.path}: dropped {dropped} records after step {self.start_step} (not checkpointed)")
+        self.trackers = Trackers()
+        if self.log is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        logged = self.log.read()  # before the cut: what an interrupted attempt may already have sent to trackers
+        dropped = self.log.truncate_to(self.start_step)
+        if dropped:
+            self.say(f"{self.log.path}: dropped {dropped} records after step {self.start_step} (not checkpointed)")
+        if cfg.wandb is not None or cfg.tensorboard is not None:
+            self.trackers = open_trackers(
+                self.out, wandb_project=cfg.wandb, wandb_run=cfg.wandb_run, tensorboard_dir=cfg.tensorboard_dir(),
+                resume_step=self.start_step, logged=logged, warn=lambda text: self.say(f"warning: {text}"),
+            )  # fmt: skip
+            for note in self.trackers.notes:
+                self.say(note)
+            self.trackers.log_config(cfg.to_dict())
 
     def say(self, text: str) -> None:
         if self.reporter is not None:
@@ -382,6 +403,7 @@ class Trainer:
     def report(self, rec: dict[str, Any]) -> None:
         if self.log is not None:
             self.log.append(rec)
+            self.trackers.log_record(rec)
         if self.reporter is not None:
             self.reporter.record(rec)
 
@@ -427,8 +449,9 @@ class Trainer:
     def _train(self, step: int) -> None:
         cfg = self.cfg
         multiplier = lr_multiplier(
-            step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr / cfg.lr
-        )
+            step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr / cfg.lr,
+            schedule=cfg.schedule, cooldown_frac=cfg.cooldown_frac,
+        )  # fmt: skip
         t0 = time.perf_counter()
         try:
             stats = train_step(
@@ -444,6 +467,8 @@ class Trainer:
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"non-finite {e} at step {step}; stopping ({self._last_good()})") from None
         dt = time.perf_counter() - t0
+        if self.host_memory is not None:
+            self.host_memory.after_step()
         tok_per_s = cfg.batch_tokens / dt
         self.report(
             {
@@ -456,6 +481,7 @@ class Trainer:
                 "dt_ms": 1000 * dt,
                 "tok_per_s": tok_per_s,
                 "mfu": mfu(self.flops_per_token, tok_per_s / self.ctx.world_size, self.peak_flops),
+                **({"peak_mem_gib": memory} if (memory := peak_memory_gib(self.ctx.device)) is not None else {}),
             }
         )
 
@@ -539,6 +565,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, stop: StopRequest 
     """Train according to ``cfg`` in this process (one rank of a torchrun job, or alone)."""
     ctx = init_distributed(cfg.device)
     try:
-        return Trainer(cfg, ctx, reporter, stop or StopRequest()).run()
+        trainer = Trainer(cfg, ctx, reporter, stop or StopRequest())
+        with trainer.trackers:  # closed (with the exit status) however the run ends
+            return trainer.run()
     finally:
         destroy_distributed()

@@ -13,8 +13,8 @@
 # shards, checkpoints: several GB) go to $GPU_CHECK_WORK (default $OUT/work), deleted when the script exits.
 # Any failing command or result stops the check with its output.
 #
-# GPU_CHECK_DEVICE=cpu GPU_CHECK_TINY=1 runs the same steps on a CPU with a 4-layer model and small inputs (the
-# smoke test in `make test`). The other sizes can be set by the environment variables read below.
+# GPU_CHECK_DEVICE=cpu GPU_CHECK_TINY=1 runs the same steps on a CPU with a 4-layer model, one micro-batch size and
+# small inputs (the smoke test in `make test`). The sizes can be set by the environment variables read below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,7 +25,7 @@ started=$EPOCHREALTIME
 
 if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   model_flags="--model demo --seq-len 64"
-  steps=4 micro_batches="4 2" batch_tokens=512 compile=--no-compile
+  steps=4 micro_batches=4 batch_tokens=512 compile=--no-compile
   hellaswag_limit=50 jsonl_mb=3 workers="1 2" tokens_per_worker=200000 val_shard_tokens=20000
 else
   model_flags="--model gpt2"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
-from support import SHARED_DATA, synthetic_shards
+from support import SHARED_DATA, write_shards
 
 
 @pytest.fixture
@@ -18,15 +18,8 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread for the module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shards of ``synthetic_shards``, made once per test module."""
-    return synthetic_shards(tmp_path_factory.mktemp("synthetic"))
+    """Random tokens below 256 with a learnable pattern (every other token repeats the one before it)."""
+    rng = np.random.default_rng(0)
+    tokens = np.repeat(rng.integers(0, 256, 40_000), 2)
+    return write_shards(tmp_path_factory.mktemp("synthetic"), tokens[:8_000], [tokens[8_000:40_000], tokens[40_000:]])

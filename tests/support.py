@@ -19,10 +19,12 @@ from gpt2.config import TrainConfig
 from gpt2.hellaswag import Example
 from gpt2.model import GPT, GPTConfig
 from gpt2.tokenizer import get_encoding
+from gpt2.trainer import StopRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 GOLDEN = ROOT / "tests" / "fixtures" / "golden_v0_1"  # the v0.1 release's behaviour, frozen (see make.py there)
+SAMPLE_HELLASWAG = ROOT / "data" / "sample" / "hellaswag_val_200.jsonl"
 
 
 def tiny_config(**overrides: int) -> GPTConfig:
@@ -68,9 +70,6 @@ def reference_losses(model: torch.nn.Module, example: Example) -> tuple[list[flo
     return sums, [s / len(e) for s, e in zip(sums, endings)]
 
 
-# On a shared CPU, OpenMP threads spinning against other processes make tiny steps up to 100x slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
 # A model whose steps take milliseconds on a CPU: 2 layers, 32 wide, a 256-token vocabulary (synthetic data).
 TINY = dict(
     n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=256, seq_len=32, micro_batch=2, batch_tokens=128,
@@ -79,15 +78,11 @@ TINY = dict(
 )  # fmt: skip
 
 
-def synthetic_shards(directory: Path) -> Path:
-    """Random tokens below 256 with a learnable pattern (every other token repeats the one before it)."""
-    rng = np.random.default_rng(0)
-    tokens = np.repeat(rng.integers(0, 256, 40_000), 2)
-    return write_shards(directory, tokens[:8_000], [tokens[8_000:40_000], tokens[40_000:]])
+# On a shared CPU, OpenMP threads spinning against other processes make tiny steps up to 100x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
-    """The ``TINY`` training run on ``data`` into ``out``."""
     return TrainConfig(data=str(data), out=str(out), **{**TINY, **overrides})
 
 
@@ -103,13 +98,27 @@ def cli_flags(data: Path, out: Path, **overrides) -> list[str]:
     return args
 
 
+class Capture:
+    """A reporter that keeps what the trainer reports, and can ask it to stop after a given step."""
+
+    def __init__(self, stop: StopRequest | None = None, stop_after: int | None = None) -> None:
+        self.records, self.messages = [], []
+        self.stop, self.stop_after = stop, stop_after
+
+    def record(self, rec: dict) -> None:
+        self.records.append(rec)
+        if self.stop is not None and rec["kind"] == "train" and rec["step"] + 1 == self.stop_after:
+            self.stop.request("test")
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+
 def read_log(out: Path) -> list[dict]:
-    """The records of ``out/log.jsonl``."""
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 def losses(records: list[dict], kind: str = "train") -> dict[int, float]:
-    """Step -> loss of the ``kind`` records ("train" or "val"), each step exactly once."""
     steps = [r["step"] for r in records if r["kind"] == kind]
     assert len(steps) == len(set(steps)), f"duplicate {kind} records: {steps}"
     return {r["step"]: r["loss"] for r in records if r["kind"] == kind}

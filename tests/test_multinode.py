@@ -11,15 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import ONE_THREAD, ROOT, cli_flags, losses, read_log, tiny
+from support import ONE_THREAD, ROOT, cli_flags, losses, read_log, run_python
 
-from gpt2.trainer import train
-
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.slow
 
 # 2 ranks x 1 micro-step of 2 x 32 tokens = one process with 2 micro-steps; validation at steps 0, 3, 6.
 RUN = dict(max_steps=6, eval_every=3, micro_batch=2, batch_tokens=128)
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TORCHRUN = ["-m", "torch.distributed.run"]  # python's arguments
 README_FLAGS = {"--nnodes": "2", "--node-rank": "K", "--nproc-per-node": "8", "--rdzv-backend": "c10d",
                 "--rdzv-endpoint": "HOST:29500"}  # fmt: skip
 
@@ -58,7 +56,7 @@ def test_two_nodes_equal_one_node_with_two_processes(synthetic: Path, tmp_path: 
     nodes = []
     for rank in (0, 1):
         node_flags = {**flags, "--node-rank": str(rank), "--nproc-per-node": "1", "--rdzv-endpoint": endpoint}
-        command = [*TORCHRUN, *(word for pair in node_flags.items() for word in pair), "train.py",
+        command = [sys.executable, *TORCHRUN, *(word for pair in node_flags.items() for word in pair), "train.py",
                    *cli_flags(synthetic, tmp_path / "nodes", **RUN)]  # fmt: skip
         nodes.append(subprocess.Popen(command, cwd=ROOT, env={**os.environ, **ONE_THREAD}, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))  # fmt: skip
@@ -71,12 +69,10 @@ def test_two_nodes_equal_one_node_with_two_processes(synthetic: Path, tmp_path: 
         assert node.returncode == 0, output[-3000:]
     assert "2 process(es) on cpu | 128 tokens/step = 2 x 1 x 2 x 32" in "".join(outputs)
 
-    one_node = subprocess.run(
-        [*TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", *cli_flags(synthetic, tmp_path / "one", **RUN)],
-        cwd=ROOT, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert one_node.returncode == 0, one_node.stderr[-3000:]
-    train(tiny(synthetic, tmp_path / "accumulation", **RUN))
+    # One node with two processes, and one process accumulating two micro-steps.
+    for name, launcher in (("one", [*TORCHRUN, "--standalone", "--nproc_per_node=2"]), ("accumulation", [])):
+        r = run_python(*launcher, "train.py", *cli_flags(synthetic, tmp_path / name, **RUN), env=ONE_THREAD)
+        assert r.returncode == 0, r.stderr[-3000:]
 
     two_nodes, one_node, accumulation = (read_log(tmp_path / name) for name in ("nodes", "one", "accumulation"))
     for kind, steps in (("train", [0, 1, 2, 3, 4, 5]), ("val", [0, 3, 6])):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import GOLDEN, ROOT, reference_losses, run_python, tiny_config, tiny_model, write_shards
+from support import GOLDEN, ROOT, SAMPLE_HELLASWAG, reference_losses, run_python, tiny_config, tiny_model, write_shards
 
 from gpt2 import cli
 from gpt2.checkpoint import load_checkpoint, load_model, model_payload, save_checkpoint
@@ -30,7 +30,6 @@ from gpt2.schedule import lr_multiplier
 from gpt2.tokenizer import N_VOCAB
 from gpt2.trainer import evaluate_loss, train
 
-SAMPLE_HELLASWAG = ROOT / "data" / "sample" / "hellaswag_val_200.jsonl"
 GOLDEN_RUN = dict(
     n_layer=2,
     n_head=2,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import ONE_THREAD, ROOT, cli_flags, losses, read_log, run_python, tiny, write_shards
+from support import ONE_THREAD, ROOT, Capture, cli_flags, losses, read_log, run_python, tiny, write_shards
 
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model
 from gpt2.cli import parse
@@ -30,23 +30,13 @@ from gpt2.schedule import lr_multiplier
 from gpt2.tokenizer import EOT_ID, get_encoding
 from gpt2.trainer import NonFiniteLoss, StopRequest, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-class Capture:
-    """A reporter that keeps what the trainer reports, and can ask it to stop after a given step."""
-
-    def __init__(self, stop: StopRequest | None = None, stop_after: int | None = None) -> None:
-        self.records, self.messages = [], []
-        self.stop, self.stop_after = stop, stop_after
-
-    def record(self, rec: dict) -> None:
-        self.records.append(rec)
-        if self.stop is not None and rec["kind"] == "train" and rec["step"] + 1 == self.stop_after:
-            self.stop.request("test")
-
-    def message(self, text: str) -> None:
-        self.messages.append(text)
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
