@@ -4,10 +4,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+OUT ?= runs/gpu-check
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -37,6 +38,10 @@ bench: $(STAMP)
 	$(PY) bench/bench_prepare.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_hellaswag.py
+
+# One CUDA GPU, about 8 minutes: training, HellaSwag and prepare figures into $(OUT) (see scripts/gpu_check.sh).
+gpu-check: $(STAMP)
+	PY=$(PY) OUT=$(OUT) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf runs/demo data/demo

@@ -3,8 +3,8 @@
 The defaults reproduce GPT-2 124M on FineWeb-Edu 10B (GPT-3 paper recipe, 19073 steps of 524288 tokens).
 Relaunching the same command resumes from the newest checkpoint in --out; SIGTERM or Ctrl-C finishes the
 current step, writes a checkpoint and exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
-Multi-node: ``torchrun --nnodes=2 --node_rank=K --nproc_per_node=8 --rdzv_backend=c10d
---rdzv_endpoint=HOST:29500 train.py ...`` on every node.
+Multi-node: ``torchrun --nnodes 2 --node-rank K --nproc-per-node 8 --rdzv-backend c10d
+--rdzv-endpoint HOST:29500 train.py ...`` on every node.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import pytest
 from support import ROOT, run_python
 
 from gpt2.errors import UserError
-from gpt2.prepare import PrepareConfig, prepare
+from gpt2.prepare import PrepareConfig, prepare, tokenize_unit
 from gpt2.tokenizer import EOT_ID, get_encoding
 
 BIG = " ".join(f"word{i} ünïcödé {i * 7919 % 1000}" for i in range(120))  # ~900 tokens: spans several shards
@@ -324,13 +324,15 @@ def test_kill_9_and_resume_is_byte_identical(tmp_path):
     assert len(whole) > 100
 
 
-def test_hub_source_streams_and_resumes(tmp_path, monkeypatch):
-    """The hub code path (streaming IterableDataset, select_columns, skip on resume), fed from local parquet."""
+@pytest.fixture
+def local_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """The hub code path (streaming IterableDataset, select_columns, skip on resume) fed from
+    ``tmp_path/*.parquet``: ``datasets.load_dataset`` streams them with its parquet loader, as it streams the
+    hub's parquet files. Returns the arguments of each ``load_dataset`` call."""
     import datasets
 
     import gpt2.prepare
 
-    write_input(tmp_path, "parquet", DOCS * 2)
     real_load = datasets.load_dataset
     calls = []
 
@@ -341,8 +343,13 @@ def test_hub_source_streams_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", local_stream)
     monkeypatch.setattr(gpt2.prepare, "_check_hub_reachable", lambda hint: None)
+    return calls
+
+
+def test_hub_source_streams_and_resumes(tmp_path, local_hub):
+    write_input(tmp_path, "parquet", DOCS * 2)
     manifest, out = run(tmp_path, [], shard_tokens=200, val_shard_tokens=100, batch_chars=300)
-    assert calls[0] == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
+    assert local_hub[0] == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
     assert manifest["source"] == {"kind": "hub", "dataset": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT",
                                   "split": "train", "text_field": "text"}  # fmt: skip
     _, tokens = read_output(out, 200, 100)
@@ -351,3 +358,39 @@ def test_hub_source_streams_and_resumes(tmp_path, monkeypatch):
     (out / manifest["shards"][-3]["file"]).unlink()
     run(tmp_path, [], shard_tokens=200, val_shard_tokens=100)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == original
+
+
+PID_LOG = "GPT2_TEST_PID_LOG"  # the file where tokenize_unit_noting_pid notes its process
+
+
+def tokenize_unit_noting_pid(unit):
+    """``tokenize_unit`` that also appends the id of the process running it to the file named by $GPT2_TEST_PID_LOG
+    (slowed a little, so that every worker of the pool gets units)."""
+    with open(os.environ[PID_LOG], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(0.01)
+    return tokenize_unit(unit)
+
+
+@pytest.mark.parametrize("source", ["hub", "files"])
+def test_workers_tokenize_in_that_many_processes_on_the_hub_path_as_on_files(tmp_path, monkeypatch, local_hub, source):
+    """--workers 2: two worker processes (not this one) tokenize, --workers 1: this process alone, whether the input
+    is streamed through ``datasets`` (the hub's path) or read from local files; both write the same bytes."""
+    import gpt2.prepare
+
+    # 2700 rows: ~10 units on the hub path, which reads 256 rows at a time
+    pq.write_table(pa.table({"text": DOCS * 300}), tmp_path / "docs.parquet")
+    monkeypatch.setattr(gpt2.prepare, "tokenize_unit", tokenize_unit_noting_pid)
+    outputs = []
+    for workers in (1, 2):
+        monkeypatch.setenv(PID_LOG, str(tmp_path / f"pids_{workers}"))
+        inputs = [str(tmp_path / "docs.parquet")] if source == "files" else []
+        manifest, out = run(tmp_path, inputs, name=f"out_{workers}", workers=workers, shard_tokens=50_000,
+                            val_shard_tokens=20_000, batch_chars=50_000)  # fmt: skip
+        assert manifest["source"]["kind"] == source
+        pids = list(map(int, (tmp_path / f"pids_{workers}").read_text().split()))
+        assert len(pids) >= 10, "too few units to tell the workers apart"
+        expected = {os.getpid()} if workers == 1 else set(pids) - {os.getpid()}
+        assert set(pids) == expected and len(expected) == workers
+        outputs.append({f.name: f.read_bytes() for f in out.iterdir() if f.name != "manifest.json"})
+    assert outputs[0] == outputs[1] and len(outputs[0]) > 3
