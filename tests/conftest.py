@@ -6,7 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from support import SHARED_DATA, write_shards
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread: on a small shared box, OpenMP threads waiting on each other dominate tiny ops."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

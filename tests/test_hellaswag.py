@@ -34,16 +34,6 @@ from gpt2.hellaswag import (
 )
 from gpt2.scoring import ContinuationScorer, batch_tensors
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared box, OpenMP threads waiting on each other dominate tiny ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 WORDS = "the a man woman dog ball runs jumps over under quickly slowly red blue house tree water then and it".split()
 
 

@@ -41,14 +41,6 @@ from gpt2.trainer import StopRequest, train
 MODERN_BLOCK = RECIPES["modern"].architecture()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def modern_model(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     model = GPT(tiny_config(**{**MODERN_BLOCK, "zero_init": False, **overrides}))  # random weights everywhere

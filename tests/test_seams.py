@@ -52,14 +52,6 @@ GOLDEN_RUN = dict(
 )  # fmt: skip — the settings of tests/fixtures/golden_v0_1/make.py
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def read_log(path: Path) -> list[dict]:
     """A log's records without the timings, which vary from run to run."""
     records = [json.loads(line) for line in path.read_text().splitlines()]

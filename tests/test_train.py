@@ -31,14 +31,6 @@ from gpt2.tokenizer import EOT_ID, get_encoding
 from gpt2.trainer import NonFiniteLoss, StopRequest, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def straight(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     """Train losses of an uninterrupted 20-step run with validation every 5 steps (the resume reference)."""
