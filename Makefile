@@ -4,10 +4,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+OUT ?= runs/gpu-check
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-fast lint demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -15,11 +16,15 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[hf,plot,dev,eval]"
+	$(PY) -m pip install -q -e ".[hf,plot,dev,track,eval]"
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q; rc=$$?; [ $$rc -ne 5 ] || echo 'make test: pytest collected no tests' >&2; exit $$rc
+
+# The unit tests: no torchrun, no programs run as subprocesses (under a minute on 2 cores).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -34,6 +39,10 @@ bench: $(STAMP)
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_hellaswag.py
 	$(PY) bench/bench_evals.py
+
+# One CUDA GPU, about 8 minutes: training, HellaSwag and prepare figures into $(OUT) (see scripts/gpu_check.sh).
+gpu-check: $(STAMP)
+	PY=$(PY) OUT=$(OUT) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf runs/demo data/demo

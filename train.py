@@ -3,8 +3,8 @@
 The defaults reproduce GPT-2 124M on FineWeb-Edu 10B (GPT-3 paper recipe, 19073 steps of 524288 tokens).
 Relaunching the same command resumes from the newest checkpoint in --out; SIGTERM or Ctrl-C finishes the
 current step, writes a checkpoint and exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT).
-Multi-node: ``torchrun --nnodes=2 --node_rank=K --nproc_per_node=8 --rdzv_backend=c10d
---rdzv_endpoint=HOST:29500 train.py ...`` on every node.
+Multi-node: ``torchrun --nnodes 2 --node-rank K --nproc-per-node 8 --rdzv-backend c10d
+--rdzv-endpoint HOST:29500 train.py ...`` on every node.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ from __future__ import annotations
 import signal
 import sys
 
-from gpt2.config import build_parser, config_from_args
+from gpt2.cli import parse
+from gpt2.config import TrainConfig
 from gpt2.errors import run_cli
 from gpt2.runlog import ConsoleReporter
 from gpt2.trainer import StopRequest, train
 
 
 def main() -> None:
-    cfg = config_from_args(build_parser(description=__doc__).parse_args())
+    cfg = parse(TrainConfig, prog="train.py", description=__doc__)
     stop = StopRequest()
     with stop.catch_signals():
         result = train(cfg, ConsoleReporter(cfg.max_steps, sys.stdout), stop)

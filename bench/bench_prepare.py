@@ -74,7 +74,7 @@ def time_reference(texts: list[str], threads: int) -> tuple[float, int]:
 def time_ours(path: Path, out: Path, workers: int, shard_tokens: int) -> tuple[float, int]:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    manifest = prepare(PrepareConfig(out=out, inputs=[str(path)], shard_tokens=shard_tokens, workers=workers))
+    manifest = prepare(PrepareConfig(out=out, input=[str(path)], shard_tokens=shard_tokens, workers=workers))
     return time.perf_counter() - start, manifest["tokens"]
 
 

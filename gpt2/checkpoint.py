@@ -2,8 +2,12 @@
 
 A checkpoint is a ``torch.save`` dict that ``torch.load(..., weights_only=True)`` reads:
 ``"model"`` (state dict with GPT-2 names, no ``_orig_mod.``/``module.`` prefixes), ``"config"``
-(the ``GPTConfig`` fields as a plain dict) and ``"step"`` (optimizer steps taken), plus whatever
-training state the trainer adds. Files are ``<run>/ckpt_<step:06d>.pt``, written atomically.
+(the ``GPTConfig`` fields as a plain dict) and ``"step"`` (optimizer steps taken), plus the trainer's
+run state: one entry per stateful component (``optimizer``, ``loader``, ``rng``, ``progress``), each
+its ``state_dict()``, and ``train_config``. Files are ``<run>/ckpt_<step:06d>.pt``, written atomically.
+
+A model whose output has more rows than the tokenizer has ids (nanoGPT writes ``vocab_size`` 50304) is
+read with the extra rows as padding (``GPTConfig.limit_vocab``).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import torch.nn as nn
 
 from gpt2.errors import UserError
 from gpt2.files import atomic_write
-from gpt2.hf import is_hub_id
+from gpt2.hf import is_hub_id, load_hf_model
 from gpt2.model import GPT, GPTConfig
+from gpt2.tokenizer import N_VOCAB
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.pt$")
 
@@ -77,20 +82,48 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "checkpoint") -> GPT:
-    """Rebuild the model a checkpoint describes; a config that does not fit the weights is a ``UserError``."""
+def config_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "checkpoint") -> GPTConfig:
+    """The architecture a checkpoint describes, reading any ids beyond the tokenizer's as padding."""
     try:
-        model = GPT(GPTConfig(**ckpt["config"]))
+        return GPTConfig(**ckpt["config"]).limit_vocab(N_VOCAB)
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: invalid model config {ckpt['config']} ({e})") from None
-    state = clean_state_dict(ckpt["model"])
-    if "lm_head.weight" not in state and "transformer.wte.weight" in state:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{source}: config does not match the weights ({_first_line(e, skip_header=True)})") from None
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "checkpoint") -> GPT:
+    """Rebuild the model a checkpoint describes; a config that does not fit the weights is a ``UserError``."""
+    model = GPT(config_from_checkpoint(ckpt, source))
+    ModelState(model, source).load_state_dict(ckpt["model"])
     return model
+
+
+class ModelState:
+    """The model as a stateful component of a run: clean weights out, weights in with a clear error."""
+
+    def __init__(self, model: nn.Module, source: str | Path = "checkpoint") -> None:
+        self.model, self.source = unwrap(model), source
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return clean_state_dict(self.model.state_dict())
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = clean_state_dict(state)
+        if "lm_head.weight" not in state and "transformer.wte.weight" in state:
+            state["lm_head.weight"] = state["transformer.wte.weight"]
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(
+                f"{self.source}: config does not match the weights ({_first_line(e, skip_header=True)})"
+            ) from None
+
+
+def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint in today's layout: v0.1 kept the progress as top-level ``step`` and ``val_loss``
+    (its optimizer state is read by ``Optimizers.load_state_dict``)."""
+    if "progress" not in ckpt:
+        ckpt = {**ckpt, "progress": {"step": int(ckpt["step"]), "val_loss": ckpt.get("val_loss")}}
+    return ckpt
 
 
 def load_model(target: str | Path, device: str = "cpu") -> tuple[GPT, dict[str, Any]]:
@@ -106,7 +139,7 @@ def load_model(target: str | Path, device: str = "cpu") -> tuple[GPT, dict[str, 
         ckpt = load_checkpoint(path)
         model, info = model_from_checkpoint(ckpt, path), {"source": str(path), "step": int(ckpt["step"])}
     elif (path / "config.json").is_file() or is_hub_id(str(target)):
-        model, info = GPT.from_pretrained(target), {"source": str(target), "step": None}
+        model, info = load_hf_model(target), {"source": str(target), "step": None}
     elif path.is_dir():
         raise UserError(f"{path} holds no ckpt_*.pt checkpoints and is not a Hugging Face model directory")
     else:

@@ -1,87 +1,169 @@
 """The training run's configuration: one typed dataclass whose fields are also ``train.py``'s flags.
 
-Every field ``foo_bar`` is the command-line flag ``--foo-bar`` with the same default, so a run's
-configuration, its flags and the ``train_config`` saved in its checkpoints all spell things one way.
+Every field ``foo_bar`` is the command-line flag ``--foo-bar`` with the same default (``gpt2.cli``), so a
+run's configuration, its flags and the ``train_config`` saved in its checkpoints all spell things one way.
 The defaults are the GPT-2 124M recipe of the GPT-3 paper as build-nanogpt runs it on FineWeb-Edu 10B.
 """
 
 from __future__ import annotations
 
-import argparse
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
+from gpt2.cli import flag, option
 from gpt2.distributed import DEVICES, DTYPES
 from gpt2.errors import UserError
-from gpt2.model import PRESETS, GPTConfig
+from gpt2.model import MLPS, MODERN_FIELDS, NORMS, PRESETS, GPTConfig
+from gpt2.tokenizer import N_VOCAB
+from gpt2.tracking import check_available
 
 PADDED_VOCAB_MULTIPLE = 64  # 50257 -> 50304 rows: aligned matmuls on GPUs, never predicted (logits are cut)
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of defaults: the block, the optimizer and the schedule. ``None`` learning rates of the
+    embeddings, head and gains mean "the same as ``lr``"."""
+
+    rope_theta: float
+    norm: str
+    qk_norm: bool
+    mlp: str
+    tie_embeddings: bool
+    zero_init: bool
+    logit_softcap: float
+    bias: bool
+    optimizer: str
+    lr: float
+    embed_lr: float | None
+    head_lr: float | None
+    gains_lr: float | None
+    min_lr: float
+    schedule: str
+    warmup_steps: int
+    warmup_frac: float | None
+    cooldown_frac: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+
+    def architecture(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in MODERN_FIELDS}
+
+
+RECIPES = {
+    # GPT-3 Small's recipe as build-nanogpt runs it on FineWeb-Edu: GPT-2's block, AdamW, warmup + cosine to 10%.
+    "gpt2": Recipe(
+        rope_theta=0.0, norm="layernorm", qk_norm=False, mlp="gelu", tie_embeddings=True, zero_init=False,
+        logit_softcap=0.0, bias=True, optimizer="adamw", lr=6e-4, embed_lr=None, head_lr=None, gains_lr=None,
+        min_lr=6e-5, schedule="cosine", warmup_steps=715, warmup_frac=None, cooldown_frac=0.4, weight_decay=0.1,
+        beta1=0.9, beta2=0.95, eps=1e-8,
+    ),
+    # The modded-nanogpt speedrun's main ingredients (see README "Two recipes"; rates from bench/bench_recipe.py).
+    "modern": Recipe(
+        rope_theta=10000.0, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False, zero_init=True,
+        logit_softcap=15.0, bias=False, optimizer="muon", lr=0.02, embed_lr=0.3, head_lr=0.006, gains_lr=None,
+        min_lr=0.0, schedule="wsd", warmup_steps=0, warmup_frac=0.0, cooldown_frac=0.4, weight_decay=0.0,
+        beta1=0.8, beta2=0.95, eps=1e-10,
+    ),
+}  # fmt: skip
+RECIPE_FIELDS = tuple(f.name for f in fields(Recipe) if f.name not in ("warmup_steps", "warmup_frac"))
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run depends on. ``None`` means "the model's or device's own value"."""
 
-    # data and outputs
-    data: str = _opt("data/fineweb_edu10B", "directory of token shards written by prepare_fineweb.py")
-    out: str = _opt("runs/gpt2-124m", "run directory: checkpoints and log.jsonl")
-    # model
-    model: str = _opt("gpt2", f"architecture preset: {', '.join(PRESETS)}")
-    n_layer: int | None = _opt(None, "override the preset's number of layers")
-    n_head: int | None = _opt(None, "override the preset's number of attention heads")
-    n_embd: int | None = _opt(None, "override the preset's width")
-    vocab_size: int | None = _opt(None, "override the vocabulary size (GPT-2 BPE: 50257; padded to a multiple of 64)")
-    block_size: int | None = _opt(None, "override the context length the model supports (preset: 1024)")
-    init_from: str | None = _opt(None, "start from pretrained weights: a hub id (gpt2 ... gpt2-xl) or a HF directory")
-    # batch
-    seq_len: int = _opt(1024, "tokens per training sequence")
-    micro_batch: int = _opt(64, "sequences per forward/backward on each process")
-    batch_tokens: int = _opt(524288, "tokens per optimizer step over all processes (2**19, as in GPT-3 Small)")
-    # optimization
-    max_steps: int = _opt(19073, "optimizer steps (19073 x 524288 tokens = one epoch of FineWeb-Edu 10B)")
-    warmup_steps: int = _opt(715, "steps of linear learning-rate warmup")
-    lr: float = _opt(6e-4, "peak learning rate")
-    min_lr: float = _opt(6e-5, "learning rate at the end of the cosine decay")
-    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices and embeddings (>= 2-D)")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.95, "AdamW beta2")
-    eps: float = _opt(1e-8, "AdamW epsilon")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: no clipping)")
-    seed: int = _opt(1337, "seed for the model's initialization and the data order")
-    # speed
-    device: str = _opt("auto", f"{', '.join(DEVICES)} (auto: CUDA when present, else CPU)")
-    dtype: str = _opt("bf16", f"compute dtype of forward/backward under autocast: {', '.join(DTYPES)}")
-    compile: bool | None = _opt(None, "torch.compile the model (default: on for CUDA, off elsewhere)")
-    # evaluation
-    eval_every: int = _opt(250, "validation loss every N steps and at the end (0: never)")
-    val_tokens: int = _opt(10485760, "tokens of the validation shard scored at each evaluation")
-    sample_every: int = _opt(1000, "print text samples every N steps and at the end (0: never)")
-    sample_prompt: str = _opt("Hello, I'm a language model,", "prompt of the text samples")
-    num_samples: int = _opt(4, "text samples per sampling")
-    max_new_tokens: int = _opt(32, "tokens generated per text sample")
-    hellaswag_every: int = _opt(0, "HellaSwag accuracy every N steps and at the end (0: never)")
-    hellaswag_data: str | None = _opt(
+    data: str = option("data/fineweb_edu10B", "directory of token shards written by prepare_fineweb.py")
+    out: str = option("runs/gpt2-124m", "run directory: checkpoints and log.jsonl")
+    recipe: str = option(
+        "gpt2", "named defaults: gpt2 (GPT-3 Small's recipe: AdamW, cosine) or modern (Muon, rotary, QK-norm, ReLU², "
+        "untied head, soft-cap, warmup-stable-decay); every flag below that says 'recipe' overrides one piece",
+        choices=list(RECIPES),
+    )  # fmt: skip
+    model: str = option("gpt2", "architecture preset (size)", choices=list(PRESETS))
+    n_layer: int | None = option(None, "override the preset's number of layers")
+    n_head: int | None = option(None, "override the preset's number of attention heads")
+    n_embd: int | None = option(None, "override the preset's width")
+    vocab_size: int | None = option(
+        None, "override the vocabulary size (GPT-2 BPE: 50257; the embedding is padded to a multiple of 64)"
+    )
+    block_size: int | None = option(None, "override the context length the model supports (preset: 1024)")
+    rope_theta: float | None = option(None, "rotary position embeddings with this base; 0: learned positions (recipe)")
+    norm: str | None = option(None, "layernorm or rmsnorm (parameter-free, also on the embedding) (recipe)",
+                              choices=NORMS)  # fmt: skip
+    qk_norm: bool | None = option(None, "RMS-normalise queries and keys per head (recipe)")
+    mlp: str | None = option(None, "MLP activation: gelu (tanh) or relu2 (recipe)", choices=MLPS)
+    tie_embeddings: bool | None = option(None, "the output head shares the token embedding (recipe)")
+    zero_init: bool | None = option(None, "zero-initialise the residual output projections and an untied head (recipe)")
+    logit_softcap: float | None = option(None, "logits = cap * tanh(logits / cap); 0: off (recipe)")
+    bias: bool | None = option(None, "biases in linear layers and LayerNorms (recipe)")
+    init_from: str | None = option(None, "start from pretrained weights: a hub id (gpt2 ... gpt2-xl) or a HF directory")
+    seq_len: int = option(1024, "tokens per training sequence")
+    micro_batch: int = option(64, "sequences per forward/backward on each process")
+    batch_tokens: int = option(524288, "tokens per optimizer step over all processes (2**19, as in GPT-3 Small)")
+    max_steps: int = option(19073, "optimizer steps (19073 x 524288 tokens = one epoch of FineWeb-Edu 10B)")
+    optimizer: str | None = option(
+        None, "adamw: AdamW for everything; muon: Muon for the hidden matrices, AdamW for the rest (recipe)",
+        choices=OPTIMIZERS,
+    )  # fmt: skip
+    lr: float | None = option(None, "peak learning rate of the hidden matrices (recipe: gpt2 6e-4, modern 0.02)")
+    embed_lr: float | None = option(None, "peak learning rate of the embeddings (recipe: gpt2 --lr, modern 0.3)")
+    head_lr: float | None = option(None, "peak learning rate of an untied head (recipe: gpt2 --lr, modern 0.006)")
+    gains_lr: float | None = option(None, "peak learning rate of biases and norm gains (recipe: --lr, modern 0.02)")
+    min_lr: float | None = option(
+        None, "--lr at the end of the schedule; other groups end at the same fraction (recipe: 6e-5, modern 0)"
+    )
+    schedule: str | None = option(
+        None, "cosine: warmup then cosine decay; wsd: warmup, constant, linear cooldown (recipe)", choices=SCHEDULES
+    )
+    warmup_steps: int | None = option(None, "steps of linear learning-rate warmup (recipe: gpt2 715)")
+    warmup_frac: float | None = option(None, "warmup as a fraction of --max-steps, unless --warmup-steps (modern 0)")
+    cooldown_frac: float | None = option(None, "wsd: the last fraction of --max-steps decays to --min-lr (0.4)")
+    weight_decay: float | None = option(None, "decoupled weight decay on matrices and embeddings (recipe: 0.1, 0)")
+    beta1: float | None = option(None, "AdamW beta1 (recipe: 0.9, modern 0.8)")
+    beta2: float | None = option(None, "AdamW beta2 (recipe: 0.95)")
+    eps: float | None = option(None, "AdamW epsilon (recipe: 1e-8, modern 1e-10)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    seed: int = option(1337, "seed for the model's initialization and the data order")
+    device: str = option("auto", "auto: CUDA when present, else CPU", choices=DEVICES)
+    dtype: str = option("bf16", "compute dtype of forward/backward under autocast", choices=list(DTYPES))
+    compile: bool | None = option(None, "torch.compile the model (default: on for CUDA, off elsewhere)")
+    eval_every: int = option(250, "validation loss every N steps and at the end (0: never)")
+    val_tokens: int = option(10485760, "tokens of the validation shard scored at each evaluation")
+    sample_every: int = option(1000, "print text samples every N steps and at the end (0: never)")
+    sample_prompt: str = option("Hello, I'm a language model,", "prompt of the text samples")
+    num_samples: int = option(4, "text samples per sampling")
+    max_new_tokens: int = option(32, "tokens generated per text sample")
+    hellaswag_every: int = option(0, "HellaSwag accuracy every N steps and at the end (0: never)")
+    hellaswag_data: str | None = option(
         None, "HellaSwag JSONL (default: download the val set into data/hellaswag/, as eval_hellaswag.py does)"
     )
-    hellaswag_limit: int | None = _opt(None, "score only the first N HellaSwag examples")
-    # checkpoints and logs
-    save_every: int = _opt(5000, "write a checkpoint every N steps (and always at the end; 0: only at the end)")
-    keep_last: int = _opt(0, "keep only the newest N checkpoints (0: keep all)")
-    resume: str = _opt(
+    hellaswag_limit: int | None = option(None, "score only the first N HellaSwag examples")
+    save_every: int = option(5000, "write a checkpoint every N steps (and always at the end; 0: only at the end)")
+    keep_last: int = option(0, "keep only the newest N checkpoints (0: keep all)")
+    resume: str = option(
         "auto",
         "auto: continue from the newest checkpoint in --out; never: refuse a non-empty --out; "
         "or a checkpoint file to start from",
     )
-    peak_tflops: str = _opt(
+    tensorboard: str | None = option(
+        None, "mirror log.jsonl to TensorBoard event files in DIR (given alone: <out>/tb; needs the [track] extra)",
+        bare="", metavar="DIR",
+    )  # fmt: skip
+    wandb: str | None = option(None, "mirror log.jsonl to this Weights & Biases project (needs [track])",
+                               metavar="PROJECT")  # fmt: skip
+    wandb_run: str | None = option(None, "the W&B run's display name (default: W&B's)", metavar="NAME")
+    peak_tflops: str = option(
         "auto", "device bf16 peak for MFU: auto (known GPUs; measured once on CPU), none, or a number in TFLOP/s"
     )
 
     def __post_init__(self) -> None:
+        self._apply_recipe()
         positive = ("seq_len", "micro_batch", "batch_tokens", "max_steps", "num_samples", "max_new_tokens")
         non_negative = (
             "warmup_steps",
@@ -104,8 +186,13 @@ class TrainConfig:
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "hellaswag_limit"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        if not 0 < self.min_lr <= self.lr:
-            raise UserError(f"need 0 < --min-lr <= --lr, got --min-lr {self.min_lr} and --lr {self.lr}")
+        for name in ("lr", "embed_lr", "head_lr", "gains_lr"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{flag(name)} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"need 0 <= --min-lr <= --lr, got --min-lr {self.min_lr} and --lr {self.lr}")
+        if not (0 <= (self.warmup_frac or 0) <= 1 and 0 <= self.cooldown_frac <= 1):
+            raise UserError("--warmup-frac and --cooldown-frac are fractions of --max-steps: between 0 and 1")
         if self.warmup_steps > self.max_steps:
             raise UserError(f"--warmup-steps {self.warmup_steps} exceeds --max-steps {self.max_steps}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
@@ -118,17 +205,50 @@ class TrainConfig:
             raise UserError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.init_from is not None and any(getattr(self, n) is not None for n in ARCH_OVERRIDES):
             raise UserError("--init-from takes the pretrained model's architecture; drop the architecture overrides")
+        if self.init_from is not None and self.architecture() != RECIPES["gpt2"].architecture():
+            raise UserError("--init-from loads OpenAI's GPT-2 architecture; use --recipe gpt2 without block changes")
         self.peak_flops()  # validates --peak-tflops
+        check_available(wandb=self.wandb is not None, tensorboard=self.tensorboard is not None)
         if self.init_from is None:
             self.model_config()  # validates the architecture (e.g. --n-embd divisible by --n-head)
 
+    def _apply_recipe(self) -> None:
+        """Fill every field left at None with the recipe's value (warmup: steps, or a fraction of the run)."""
+        if self.recipe not in RECIPES:
+            raise UserError(f"unknown --recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        recipe = RECIPES[self.recipe]
+        for name in RECIPE_FIELDS:
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(recipe, name))
+        for name in ("embed_lr", "head_lr", "gains_lr"):  # None in a recipe: the same as --lr
+            if getattr(self, name) is None:
+                setattr(self, name, self.lr)
+        if self.warmup_steps is None:
+            self.warmup_steps = (
+                recipe.warmup_steps if self.warmup_frac is None else round(self.warmup_frac * self.max_steps)
+            )
+
+    def architecture(self) -> dict[str, Any]:
+        """The block's switches (rotary, norm, ...) as ``GPTConfig`` fields."""
+        return {name: getattr(self, name) for name in MODERN_FIELDS}
+
     def model_config(self) -> GPTConfig:
-        """The architecture to train from scratch: the preset, the overrides, the vocabulary padded to 64."""
+        """The architecture to train from scratch: the preset, the overrides, the recipe's block, the vocabulary
+        padded to 64."""
         overrides = {n: getattr(self, n) for n in ARCH_OVERRIDES if getattr(self, n) is not None}
         try:
-            return GPTConfig.preset(self.model, vocab_multiple=PADDED_VOCAB_MULTIPLE, **overrides)
+            config = GPTConfig.preset(
+                self.model, vocab_multiple=PADDED_VOCAB_MULTIPLE, **overrides, **self.architecture()
+            )
         except ValueError as e:
             raise UserError(f"invalid architecture: {e}") from None
+        return config.limit_vocab(N_VOCAB)  # ids past the tokenizer's would be padding: never predicted
+
+    def tensorboard_dir(self) -> Path | None:
+        """Where ``--tensorboard`` writes: its DIR, or ``<out>/tb`` when given alone; None when off."""
+        if self.tensorboard is None:
+            return None
+        return Path(self.tensorboard) if self.tensorboard else Path(self.out) / "tb"
 
     def use_compile(self, device_type: str) -> bool:
         return self.compile if self.compile is not None else device_type == "cuda"
@@ -150,34 +270,3 @@ class TrainConfig:
 
 
 ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of a config field: ``seq_len`` -> ``--seq-len``."""
-    return "--" + name.replace("_", "-")
-
-
-def build_parser(prog: str = "train.py", description: str | None = None) -> argparse.ArgumentParser:
-    """An argument parser with one flag per ``TrainConfig`` field, same names, types and defaults."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        kind = hints[f.name]
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None -> X
-        kwargs: dict[str, Any] = {
-            "default": f.default if f.default is not MISSING else None,
-            "help": f.metadata["help"],
-        }
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = base
-            kwargs["metavar"] = f.name.upper()
-        parser.add_argument(flag(f.name), dest=f.name, **kwargs)
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})

@@ -315,7 +315,7 @@ class TrainLoader:
         if state.get("train_tokens") != self.train_tokens:
             raise UserError(
                 f"cannot resume the data order: the checkpoint was trained on {state.get('train_tokens')} train "
-                f"tokens but the data directory now has {self.train_tokens}; point --data-dir at the same data"
+                f"tokens but the data directory now has {self.train_tokens}; point --data at the same data"
             )
         self.step, self.micro_step = int(state["step"]), 0
 

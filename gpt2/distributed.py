@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,9 @@ from gpt2.errors import UserError
 
 DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Rank 0 alone writes checkpoints (18 GB for GPT-2 XL with its optimizer), downloads HellaSwag and samples text
+# while the other ranks wait in the next collective: give them longer than NCCL's default 10 minutes.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -73,7 +77,9 @@ def init_distributed(device: str = "auto") -> DistContext:
         device_name = device_type
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=torch.device(device_name) if backend == "nccl" else None)
+        # device_id binds the NCCL communicator to this rank's GPU at once (no guessing, no stray context on GPU 0).
+        device_id = torch.device(device_name) if backend == "nccl" else None
+        dist.init_process_group(backend=backend, device_id=device_id, timeout=COLLECTIVE_TIMEOUT)
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device_name)
 
 
@@ -101,3 +107,18 @@ def autocast(device_type: str, dtype: str) -> contextlib.AbstractContextManager:
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
+
+
+def enable_tf32(device_type: str) -> None:
+    """TF32 tensor cores for the fp32 matmuls left outside autocast (CUDA only). ``set_float32_matmul_precision``
+    works in every torch this project supports; the newer ``torch.backends.*.fp32_precision`` attributes (2.9+)
+    are not needed for it."""
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+
+def peak_memory_gib(device: str) -> float | None:
+    """The most memory torch has allocated on a CUDA device so far, in GiB; None on other devices."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(torch.device(device)) / 2**30

@@ -20,7 +20,6 @@ prompts. Needs the ``[eval]`` extra: ``pip install -e '.[eval]'``.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import functools
 import json
@@ -28,17 +27,17 @@ import logging
 import statistics
 import tempfile
 import time
-import typing
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt2.checkpoint import find_checkpoints, load_model
+from gpt2.cli import option, parse
 from gpt2.distributed import DEVICES, DTYPES, DistContext, barrier, destroy_distributed, init_distributed
 from gpt2.errors import UserError, run_cli
-from gpt2.files import atomic_write_text
-from gpt2.hellaswag import _load_for_run, _on_main, is_run_dir, read_jsonl
+from gpt2.files import atomic_write_text, read_jsonl
+from gpt2.hellaswag import _jsonl, _load_for_run, _on_main, is_run_dir
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
@@ -234,59 +233,37 @@ def evaluate_tasks(lm: PipelineLM, tasks: dict[str, Task], limit: int | None = N
 
 @dataclass
 class EvaluateConfig:
-    """What ``python -m gpt2.evaluate`` was asked to do."""
+    """What ``python -m gpt2.evaluate`` is asked to do; its fields are the program's arguments (``gpt2.cli``)."""
 
-    target: str = field(
-        metadata={
-            "help": "checkpoint, run directory (scores each checkpoint not yet in evals.jsonl), HF directory or hub id"
-        }
+    target: str = option(
+        help="checkpoint file, run directory (every checkpoint not yet scored on every task), Hugging Face model "
+        "directory or hub id (gpt2 ... gpt2-xl)", positional=True,
+    )  # fmt: skip
+    tasks: str = option("small", "comma-separated harness task names; 'small' is the suite", metavar="LIST")
+    limit: int | None = option(None, "score only the first N examples of each task", metavar="N")
+    batch_size: int = option(32, "packed rows (one per distinct context) per forward pass", metavar="N")
+    dtype: str = option("bf16", "autocast dtype", choices=list(DTYPES))
+    device: str = option("auto", "auto: CUDA when present, else CPU", choices=DEVICES)
+    data_dir: Path | None = option(
+        None, "offline: read each task from DIR/<task>_validation.jsonl instead of the hub", metavar="DIR"
     )
-    tasks: str = field(
-        default="small",
-        metadata={"help": "comma-separated harness task names; 'small' is the suite", "metavar": "LIST"},
-    )
-    limit: int | None = field(
-        default=None, metadata={"help": "score the first N examples of each task", "metavar": "N"}
-    )
-    batch_size: int = field(
-        default=32, metadata={"help": "packed rows (one per distinct context) per forward pass", "metavar": "N"}
-    )
-    device: str = field(default="auto", metadata={"help": "device", "choices": DEVICES})
-    dtype: str = field(default="bf16", metadata={"help": "autocast dtype", "choices": tuple(DTYPES)})
-    data_dir: Path | None = field(
-        default=None,
-        metadata={"help": "offline: read each task's data from DIR/<task>_validation.jsonl", "metavar": "DIR"},
-    )
-    out: Path | None = field(
-        default=None, metadata={"help": "write {target, step, tasks, centered_mean} as JSON", "metavar": "JSON"}
-    )
-    watch: bool = field(default=False, metadata={"help": "run directories: keep scoring new checkpoints"})
-    interval: float = field(default=60.0, metadata={"help": "seconds between polls with --watch", "metavar": "SECONDS"})
+    out: Path | None = option(None, "write {target, step, tasks, centered_mean} as JSON", metavar="FILE.json")
+    watch: bool = option(False, "run directory: keep scoring new checkpoints until interrupted")
+    interval: float = option(60.0, "seconds between polls with --watch", metavar="SECONDS")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``EvaluateConfig``: a field without a default is positional, a bool is a switch."""
-    parser = argparse.ArgumentParser(prog="python -m gpt2.evaluate", description=__doc__.split("\n\n")[0])
-    hints = typing.get_type_hints(EvaluateConfig)
-    for f in fields(EvaluateConfig):
-        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-        if f.default is MISSING:
-            parser.add_argument(f.name, type=kind, **f.metadata)
-        elif kind is bool:
-            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", **f.metadata)
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, **f.metadata)
-    return parser
+    def __post_init__(self) -> None:
+        if self.interval <= 0:
+            raise UserError(f"--interval must be a positive number of seconds, got {self.interval}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be a positive number of examples, got {self.limit}")
 
 
 def read_evals(run_dir: str | Path) -> list[dict]:
     """The records of ``<run>/evals.jsonl`` (empty when nothing is scored yet)."""
     path = Path(run_dir) / EVALS_FILE
     return [record for _, record in read_jsonl(path)] if path.exists() else []
-
-
-def _jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)
 
 
 def run(cfg: EvaluateConfig, report: Callable[[str], None] = print) -> list[EvalResult]:
@@ -298,12 +275,6 @@ def run(cfg: EvaluateConfig, report: Callable[[str], None] = print) -> list[Eval
         raise UserError("--out summarises one model: pass a checkpoint file, not a run directory")
     if cfg.watch and not run_mode:
         raise UserError(f"--watch polls a run directory for new checkpoints; {cfg.target} is not one")
-    if cfg.interval <= 0:
-        raise UserError(f"--interval must be a positive number of seconds, got {cfg.interval}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise UserError(f"--limit must be a positive number of examples, got {cfg.limit}")
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
     tasks = load_tasks(task_names(cfg.tasks), cfg.data_dir)
     ctx = init_distributed(cfg.device)
     say = report if ctx.is_main else (lambda line: None)
@@ -376,7 +347,7 @@ def score_run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(EvaluateConfig(**vars(build_parser().parse_args(argv))))
+    run(parse(EvaluateConfig, argv, prog="python -m gpt2.evaluate", description=__doc__))
 
 
 if __name__ == "__main__":

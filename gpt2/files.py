@@ -1,13 +1,16 @@
-"""File writes that survive crashes, and file checksums: used for every file the pipeline writes
-(shards, manifests, checkpoints, logs, scores, plots, exports) and every file it verifies."""
+"""Files: writes that survive crashes, checksums and JSONL reading, for every file the pipeline writes
+(shards, manifests, checkpoints, logs, scores, plots, exports), verifies or reads back."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from gpt2.errors import UserError
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
@@ -45,3 +48,28 @@ def file_sha256(path: str | Path) -> str:
         while chunk := f.read(1 << 23):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_jsonl(path: str | Path, *, allow_partial_tail: bool = False) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for each non-blank line; a malformed line is a ``UserError`` at file:line.
+
+    With ``allow_partial_tail`` a last line without its newline that does not parse is skipped: it is a
+    record another process is still appending.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} cannot be read ({e})") from None
+    lines = text.split("\n")
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            if allow_partial_tail and lineno == len(lines):
+                return
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None

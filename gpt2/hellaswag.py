@@ -18,7 +18,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,13 +29,23 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model, model_from_checkpoint, unwrap
-from gpt2.distributed import DistContext, all_reduce_sum, barrier, destroy_distributed, init_distributed
+from gpt2.cli import option
+from gpt2.distributed import (
+    DEVICES,
+    DTYPES,
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+)
 from gpt2.errors import UserError
-from gpt2.files import atomic_write, atomic_write_text, file_sha256
+from gpt2.files import atomic_write, atomic_write_text, file_sha256, read_jsonl
 from gpt2.hf import is_hub_id
 from gpt2.model import GPT
 from gpt2.scoring import ContinuationScorer, PackedRow, RowScores, pack_row, score_rows
 from gpt2.tokenizer import get_encoding
+from gpt2.tracking import Trackers, open_run_trackers
 
 log = logging.getLogger(__name__)
 
@@ -61,31 +71,6 @@ class Example:
     ctx: str
     endings: tuple[str, ...]
     label: int
-
-
-def read_jsonl(path: str | Path, *, allow_partial_tail: bool = False) -> Iterator[tuple[int, Any]]:
-    """``(line number, parsed value)`` for each non-blank line; a malformed line is a ``UserError`` at file:line.
-
-    With ``allow_partial_tail`` a last line without its newline that does not parse is skipped: it is a
-    record another process is still appending.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} cannot be read ({e})") from None
-    lines = text.split("\n")
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            if allow_partial_tail and lineno == len(lines):
-                return
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def _parse_example(record: Any, where: str) -> Example:
@@ -145,7 +130,7 @@ def ensure_val(data_dir: str | Path = DEFAULT_DATA_DIR, *, url: str = VAL_URL, t
         reason = getattr(e, "reason", None) or e
         raise UserError(
             f"cannot download HellaSwag from {url} ({reason}); "
-            "pass --data FILE.jsonl with a local copy of hellaswag_val.jsonl"
+            "pass --hellaswag-data FILE.jsonl with a local copy of hellaswag_val.jsonl"
         ) from None
     return path
 
@@ -328,20 +313,34 @@ def read_scores(run_dir: str | Path) -> list[dict]:
 
 @dataclass
 class EvalConfig:
-    """What ``eval_hellaswag.py`` was asked to do."""
+    """What ``eval_hellaswag.py`` is asked to do; its fields are the program's arguments (``gpt2.cli``)."""
 
-    target: str  # checkpoint file, run directory, HF model directory or hub id
-    data: Path | None = None  # local HellaSwag JSONL; None: the canonical val set, downloaded once
-    limit: int | None = None
-    batch_size: int = 32
-    dtype: str = "bf16"
-    device: str = "auto"
-    compile: bool = False
-    out: Path | None = None  # results.json
-    predictions: Path | None = None  # one JSON line per example
-    watch: bool = False  # run directories: keep polling for new checkpoints
-    interval: float = 60.0  # seconds between polls
-    progress: bool = True
+    target: str = option(
+        help="checkpoint file, run directory (every checkpoint not yet scored), Hugging Face model directory or "
+        "hub id (gpt2 ... gpt2-xl)", positional=True,
+    )  # fmt: skip
+    hellaswag_data: Path | None = option(
+        None, "local HellaSwag JSONL (default: the val set, downloaded once into data/hellaswag/)",
+        aliases=["--data"], metavar="FILE.jsonl",
+    )  # fmt: skip
+    limit: int | None = option(None, "score only the first N examples", metavar="N")
+    batch_size: int = option(32, "examples per forward pass", metavar="N")
+    dtype: str = option("bf16", "autocast dtype", choices=list(DTYPES))
+    device: str = option("auto", "auto: CUDA when present, else CPU", choices=DEVICES)
+    compile: bool = option(False, "run the scorer through torch.compile (dynamic shapes)")
+    out: Path | None = option(None, "write {target, step, n, acc, acc_norm, seconds} as JSON", metavar="FILE.json")
+    predictions: Path | None = option(
+        None, "one JSON line per example: its losses and predictions", metavar="FILE.jsonl"
+    )
+    watch: bool = option(False, "run directory: keep scoring new checkpoints until interrupted")
+    interval: float = option(60.0, "seconds between polls with --watch", metavar="SECONDS")
+    progress: bool = option(True, "show a progress bar", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0:
+            raise UserError(f"--interval must be a positive number of seconds, got {self.interval}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
 
 
 def is_run_dir(target: str | Path) -> bool:
@@ -363,14 +362,12 @@ def run(cfg: EvalConfig, report: Callable[[str], None] = print) -> list[HellaSwa
     run_mode = is_run_dir(cfg.target) or (cfg.watch and not Path(cfg.target).exists())
     if run_mode and (cfg.out or cfg.predictions):
         raise UserError("--out and --predictions score one model: pass a checkpoint file, not a run directory")
-    if cfg.interval <= 0:
-        raise UserError(f"--interval must be a positive number of seconds, got {cfg.interval}")
     if cfg.watch and not run_mode:
         raise UserError(f"--watch polls a run directory for new checkpoints; {cfg.target} is not one")
     ctx = init_distributed(cfg.device)
     say = report if ctx.is_main else (lambda line: None)
     try:
-        examples = load_eval_examples(cfg.data, cfg.limit, ctx)
+        examples = load_eval_examples(cfg.hellaswag_data, cfg.limit, ctx)
         if not run_mode:
             return [_score_target(cfg, examples, ctx, say)]
         if cfg.watch:
@@ -437,22 +434,36 @@ def score_run(
 
     state = state or RunState()
     results = []
-    for step, path in _on_main(pending, ctx):
-        model = _load_for_run(path, ctx, state.skipped if cfg.watch else None)
-        if model is None:
-            continue
-        if state.scorer is None or state.scorer.model.config != model.config:
-            state.scorer = ContinuationScorer(model, compile=cfg.compile)
-        else:  # same architecture: load the weights in place and keep the compiled trunk
-            state.scorer.model.load_state_dict(model.state_dict())
-        result = _evaluate_with(state.scorer, examples, ctx, cfg.batch_size, cfg.dtype, cfg.progress, False)
-        if ctx.is_main:
-            record = {"step": step, "acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
-            atomic_write_text(run_dir / SCORES_FILE, _jsonl([*read_scores(run_dir), record]))
-            say(f"step {step}: {result.summary()}")
-        barrier(ctx)
-        results.append(result)
+    todo = _on_main(pending, ctx)
+    # A run trained with --tensorboard/--wandb gets the scores too (rank 0; nothing when it was not tracked).
+    trackers = open_run_trackers(run_dir, warn=log.warning) if todo and ctx.is_main else Trackers()
+    with trackers:
+        for step, path in todo:
+            result = _score_checkpoint(cfg, examples, ctx, state, path)
+            if result is None:
+                continue
+            if ctx.is_main:
+                record = {"step": step, "acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
+                atomic_write_text(run_dir / SCORES_FILE, _jsonl([*read_scores(run_dir), record]))
+                trackers.log_record({"kind": "hellaswag", **record})
+                say(f"step {step}: {result.summary()}")
+            barrier(ctx)
+            results.append(result)
     return results
+
+
+def _score_checkpoint(
+    cfg: EvalConfig, examples: list[Example], ctx: DistContext, state: RunState, path: str
+) -> HellaSwagResult | None:
+    """One checkpoint of a run scored on every rank (None: unreadable for now, while watching)."""
+    model = _load_for_run(path, ctx, state.skipped if cfg.watch else None)
+    if model is None:
+        return None
+    if state.scorer is None or state.scorer.model.config != model.config:
+        state.scorer = ContinuationScorer(model, compile=cfg.compile)
+    else:  # same architecture: load the weights in place and keep the compiled trunk
+        state.scorer.model.load_state_dict(model.state_dict())
+    return _evaluate_with(state.scorer, examples, ctx, cfg.batch_size, cfg.dtype, cfg.progress, False)
 
 
 def _load_for_run(path: str, ctx: DistContext, skipped: set[str] | None) -> GPT | None:

@@ -15,7 +15,7 @@ import torch
 from gpt2.errors import UserError
 from gpt2.files import atomic_write, atomic_write_text
 from gpt2.model import GPT, GPTConfig
-from gpt2.tokenizer import EOT_ID, EOT_TOKEN, get_encoding
+from gpt2.tokenizer import EOT_ID, EOT_TOKEN, N_VOCAB, get_encoding
 
 HUB_IDS = {
     "gpt2": "openai-community/gpt2",
@@ -36,7 +36,8 @@ def load_hf_model(name_or_path: str | Path, vocab_multiple: int = 1) -> GPT:
     path = Path(name_or_path)
     if not (path / "config.json").is_file():  # a hub id, even where a folder of that name exists
         path = _download(str(name_or_path))
-    config = replace(_read_config(path), vocab_multiple=vocab_multiple)
+    # Output rows beyond the tokenizer's ids (a vocab_size of 50304) are read as padding.
+    config = replace(_read_config(path), vocab_multiple=vocab_multiple).limit_vocab(N_VOCAB)
     model = GPT(config)
     model.load_state_dict(from_hf_state_dict(_read_weights(path), config))
     return model
@@ -141,6 +142,11 @@ def hf_config(config: GPTConfig) -> dict:
 def export_hf(model: GPT, out_dir: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads,
     and GPT-2's ``vocab.json`` + ``merges.txt`` for ``AutoTokenizer``."""
+    if differences := model.config.gpt2_compatible():
+        raise UserError(
+            f"transformers.GPT2LMHeadModel cannot hold this architecture ({', '.join(differences)}): only "
+            "checkpoints of GPT-2's own block (--recipe gpt2) export to Hugging Face"
+        )
     try:
         from safetensors.torch import save
     except ImportError:

@@ -11,12 +11,22 @@ import time
 
 import torch
 
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, in FLOP/s.
-GPU_BF16_PEAK = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, in FLOP/s, matched against
+# torch.cuda.get_device_name in this order (the PCIe and NVL H100s before the SXM one).
+GPU_BF16_PEAK = {
+    "A100": 312e12,  # A100 SXM and PCIe: 312 (624 with sparsity)
+    "H100 PCIe": 756e12,  # 756 (1,513 with sparsity)
+    "H100 NVL": 835e12,  # 835 (1,671 with sparsity), per GPU
+    "H100": 989e12,  # H100 SXM ("NVIDIA H100 80GB HBM3"): 989 (1,979 with sparsity)
+    "H200": 989e12,  # H200 SXM: 989 (1,979 with sparsity)
+    "L4": 121e12,  # 121 (242 with sparsity)
+    "A10G": 125e12,  # A10/A10G: 125 (250 with sparsity)
+    "RTX 4090": 165e12,  # 165.2 with FP32 accumulate (Ada whitepaper; 330 with sparsity)
+}
 
 
 def datasheet_peak(device: str) -> float | None:
-    """The bf16 peak of a known GPU (matched by name), else None."""
+    """The bf16 peak of a known GPU (matched by name), else None (pass ``--peak-tflops`` for others)."""
     if torch.device(device).type != "cuda":
         return None
     name = torch.cuda.get_device_name(torch.device(device))

@@ -1,24 +1,28 @@
-"""The GPT-2 model: pre-LayerNorm transformer blocks with causal flash attention (SDPA).
+"""The GPT model: pre-norm transformer blocks with causal flash attention (SDPA).
 
-Parameter names follow OpenAI's GPT-2 as Hugging Face spells them (``transformer.h.0.attn.c_attn``...),
-so weights move in and out with nothing but a transpose of the Conv1D matrices (see ``gpt2.hf``).
+By default it is exactly OpenAI's GPT-2 (learned positions, LayerNorm, GELU, tied head, biases). The fields
+of ``GPTConfig`` after ``vocab_multiple`` switch on the modern block one piece at a time (rotary positions,
+RMSNorm, QK-norm, ReLU², an untied head, zero-initialised output projections, a logit soft-cap, no biases);
+``--recipe modern`` turns them all on. Parameter names follow GPT-2 as Hugging Face spells them
+(``transformer.h.0.attn.c_attn``...), so GPT-2 weights move in and out with nothing but a transpose of the
+Conv1D matrices (see ``gpt2.hf``).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gpt2.loss import IGNORE_INDEX, fused_cross_entropy
+
 
 @dataclass
 class GPTConfig:
-    """Architecture of a GPT-2 model.
+    """Architecture of a GPT model.
 
     ``vocab_size`` is the number of ids the model may read, emit and score (50257 for GPT-2 BPE).
     The embedding table is rounded up to a multiple of ``vocab_multiple`` (64 gives 50304, which
@@ -32,30 +36,72 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     vocab_multiple: int = 1
+    # The modern block, piece by piece (defaults: GPT-2).
+    rope_theta: float = 0.0  # rotary position embeddings with this base (e.g. 10000); 0: learned positions
+    norm: str = "layernorm"  # or "rmsnorm": parameter-free RMSNorm, also applied to the token embedding
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    mlp: str = "gelu"  # or "relu2": relu(x)^2
+    tie_embeddings: bool = True  # the output head shares the token embedding's weights
+    zero_init: bool = False  # zero-initialise the residual output projections (and an untied head)
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0: no cap
+    bias: bool = True  # biases in the linear layers (and LayerNorms)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{f.name} must be a positive integer, got {value!r}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.rope_theta < 0 or self.logit_softcap < 0:
+            raise ValueError("rope_theta and logit_softcap must not be negative (0: off)")
+        if self.rope_theta and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rotary embeddings need an even head dimension, got {self.n_embd // self.n_head}")
+        if self.norm not in NORMS or self.mlp not in MLPS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)} and mlp one of {', '.join(MLPS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def gpt2_compatible(self) -> list[str]:
+        """What keeps this architecture from being OpenAI's GPT-2 (empty: it is GPT-2)."""
+        defaults = GPTConfig()
+        return [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+            if f.name in MODERN_FIELDS and getattr(self, f.name) != getattr(defaults, f.name)
+        ]
 
     @property
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
 
+    def limit_vocab(self, n_ids: int) -> GPTConfig:
+        """This architecture reading and emitting only ids below ``n_ids`` (the tokenizer's): output rows
+        beyond it stay in the weights as padding, never sampled, scored or counted in the softmax. This is
+        how a nanoGPT-style ``vocab_size`` of 50304 (padding included) is read."""
+        if self.vocab_size <= n_ids:
+            return self
+        rows = self.padded_vocab_size
+        multiple = 64 if rows % 64 == 0 and math.ceil(n_ids / 64) * 64 == rows else rows
+        return replace(self, vocab_size=n_ids, vocab_multiple=multiple)
+
     @classmethod
     def preset(cls, name: str, **overrides: int) -> GPTConfig:
-        """The architecture of an OpenAI GPT-2 size (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``)."""
+        """The architecture of an OpenAI GPT-2 size (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``), or the
+        demo's tiny model (``demo``)."""
         if name not in PRESETS:
-            from gpt2.errors import UserError
-
-            raise UserError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | float | str | bool]:
         return asdict(self)
+
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2")
+MODERN_FIELDS = ("rope_theta", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init", "logit_softcap", "bias")
 
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -63,22 +109,65 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "demo": dict(n_layer=4, n_head=4, n_embd=64, block_size=64),  # 3.5M, mostly embedding: `make demo` on a CPU
 }
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x), with no learnable gain or bias (as in modded-nanogpt and nanochat)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),))
+
+
+def norm_layer(config: GPTConfig) -> nn.Module:
+    return nn.LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm()
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoFormer): each pair of channels (i, i + head_dim/2) of a query or key at
+    position p is rotated by the angle p * theta^(-2i / head_dim), so attention scores depend on p_q - p_k."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        inv_freq = config.rope_theta ** (-torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim)
+        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (block, hd/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at positions ``pos`` ((T,) or (B, T)), shaped to broadcast over (B, n_head, T, hd/2)."""
+        cos, sin = self.cos[pos], self.sin[pos]
+        return (cos, sin) if pos.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.c_proj.residual_scaled_init = True
+        self.n_head, self.qk_norm = config.n_head, config.qk_norm
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_out = True
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:  # unit-RMS queries and keys keep the attention logits bounded as weights grow
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if attn_mask is None:
             # is_causal lets SDPA pick a flash/memory-efficient kernel and skip the masked half; no mask buffer.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -91,62 +180,87 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.c_proj.residual_scaled_init = True
+        self.relu2 = config.mlp == "relu2"
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_out = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 was trained with the tanh approximation of GELU; the exact erf form changes the logits.
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        x = self.c_fc(x)
+        # GPT-2 was trained with the tanh approximation of GELU (the exact erf form changes the logits);
+        # ReLU² is the modded-nanogpt speedrun's cheaper, sparser replacement.
+        x = F.relu(x).square() if self.relu2 else F.gelu(x, approximate="tanh")
+        return self.c_proj(x)
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = norm_layer(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
-    """GPT-2: token + position embeddings, ``n_layer`` blocks, final LayerNorm, tied LM head."""
+    """Token embeddings (+ learned positions, or rotary ones inside attention), ``n_layer`` blocks, a final norm
+    and the LM head (tied to the token embedding in GPT-2)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        positions = (
+            {"rotary": Rotary(config)} if config.rope_theta else {"wpe": nn.Embedding(config.block_size, config.n_embd)}
+        )
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                **positions,
                 h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd),
+                ln_f=norm_layer(config),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
+        else:
+            self.lm_head.residual_out = True  # zero-initialised with the output projections (zero_init)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             std = 0.02
-            if getattr(module, "residual_scaled_init", False):
+            if getattr(module, "residual_out", False) and module is not self.lm_head:
                 # Each block adds two residual branches; scaling keeps the residual stream's variance flat.
                 std *= (2 * self.config.n_layer) ** -0.5
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if self.config.zero_init and getattr(module, "residual_out", False):
+                # Every block starts as the identity and the head predicts uniformly (modded-nanogpt).
+                nn.init.zeros_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count, tied weights once; ``non_embedding`` drops the position embeddings."""
+        """Parameter count, tied weights once; ``non_embedding`` leaves out the lookup tables (position
+        embeddings, and the token embedding when the head is untied), which cost no matmul FLOPs."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
 
     def hidden(
         self, idx: torch.Tensor, pos: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
@@ -164,55 +278,44 @@ class GPT(nn.Module):
                     f"sequence of {T} tokens is longer than the model's block size {self.config.block_size}"
                 )
             pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x, rope = self.transformer.wte(idx), None
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = self.transformer.rotary(pos)
+        if self.config.norm == "rmsnorm":
+            x = F.rms_norm(x, (x.size(-1),))
         for block in self.transformer.h:
-            x = block(x, attn_mask)
+            x = block(x, rope, attn_mask)
         return self.transformer.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The LM head on hidden states ``h`` (any leading shape), cut to ``vocab_size`` columns: a padded
-        id can never be sampled, and never soaks up probability mass."""
-        return self.lm_head(h)[..., : self.config.vocab_size]
+        """The LM head on hidden states ``h`` (any leading shape), cut to ``vocab_size`` columns (a padded id can
+        never be sampled, and never soaks up probability mass), soft-capped when the config says so."""
+        logits = self.lm_head(h)[..., : self.config.vocab_size]
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits ``(B, T, vocab_size)`` for token ids ``idx`` ``(B, T)``, and the mean cross-entropy
-        against ``targets`` when given (target -1 is ignored)."""
-        logits = self.logits(self.hidden(idx))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(logits, None)``: logits ``(B, T, vocab_size)`` of token ids ``idx`` ``(B, T)``; or, given ``targets``,
+        ``(None, loss)``: the mean cross-entropy (target -1 ignored), without materialising the logits.
+
+        Under autocast, or with a soft-cap, the loss is ``gpt2.loss.fused_cross_entropy``. In plain fp32 it is
+        computed the textbook way, which the previous release's losses are reproduced with bit for bit.
+        """
+        h = self.hidden(idx)
+        if targets is None:
+            return self.logits(h), None
+        cfg = self.config
+        if cfg.logit_softcap or torch.is_autocast_enabled(idx.device.type):
+            return None, fused_cross_entropy(h, self.lm_head.weight, targets, cfg.vocab_size, cfg.logit_softcap)
+        logits = self.logits(h)
+        return None, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B:
         6N for the matmuls with the weights, plus 12·L·H·Q·T for attention scores and values."""
         cfg = self.config
-        head_dim = cfg.n_embd // cfg.n_head
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * head_dim * seq_len
-
-    def configure_optimizer(
-        self,
-        lr: float,
-        weight_decay: float,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        device_type: str = "cpu",
-    ) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices and embeddings (>= 2-D) only, never on biases or LayerNorms."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = device_type in ("cuda", "cpu", "mps") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, vocab_multiple: int = 1) -> GPT:
-        """OpenAI GPT-2 weights from a Hugging Face hub id (``gpt2`` ... ``gpt2-xl``) or a local HF directory;
-        ``vocab_multiple`` pads the embedding table (with zero rows, never used) as ``GPTConfig`` describes."""
-        from gpt2.hf import load_hf_model
-
-        return load_hf_model(name_or_path, vocab_multiple)
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len

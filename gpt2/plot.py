@@ -12,18 +12,18 @@ step, with GPT-2 124M's harness score where one is published. matplotlib is an o
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt2.cli import option, parse
 from gpt2.errors import UserError, run_cli
 from gpt2.evaluate import EVALS_FILE, headline, read_evals
-from gpt2.files import atomic_write
-from gpt2.hellaswag import SCORES_FILE, read_jsonl, read_scores
+from gpt2.files import atomic_write, read_jsonl
+from gpt2.hellaswag import SCORES_FILE, read_scores
+from gpt2.runlog import LOG_FILE
 
-LOG_FILE = "log.jsonl"
 GPT2_124M_VAL_LOSS = 3.2924  # OpenAI's GPT-2 124M checkpoint on the FineWeb-Edu val split
 GPT2_124M_HELLASWAG = 0.2955  # acc_norm, completion style, 10,042 val examples
 GPT3_125M_HELLASWAG = 0.337  # from the GPT-3 paper
@@ -159,12 +159,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+@dataclass
+class PlotConfig:
+    """``python -m gpt2.plot``'s arguments (``gpt2.cli``)."""
+
+    run_dir: Path = option(help="run directory with log.jsonl and/or hellaswag.jsonl", positional=True)
+    out: Path | None = option(None, "PNG to write (default: RUN_DIR/run.png)", short="-o")
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gpt2.plot", description=__doc__)
-    p.add_argument("run_dir", type=Path, help="run directory with log.jsonl and/or hellaswag.jsonl")
-    p.add_argument("-o", "--out", type=Path, help="PNG to write (default: RUN_DIR/run.png)")
-    args = p.parse_args(argv)
-    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    cfg = parse(PlotConfig, argv, prog="python -m gpt2.plot", description=__doc__)
+    print(f"wrote {plot_run(cfg.run_dir, cfg.out)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Tokenize a text corpus (FineWeb-Edu by default) into the uint16 shards that ``gpt2.data`` reads.
 
-Output, in one directory: ``val_000000.npy`` (the validation split, ``val_tokens`` long), then
+Output, in one directory: ``val_000000.npy`` (the validation split, ``val_shard_tokens`` long), then
 ``train_000001.npy``, ``train_000002.npy``, ... (each exactly ``shard_tokens`` long but the last), every one
 a 1-D uint16 array written with ``np.save``, plus ``manifest.json``. Every non-empty document becomes
 ``[EOT] + encode_ordinary(text)``; concatenating the shards in index order gives the documents in input order.
@@ -29,7 +29,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from glob import glob
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from gpt2.cli import flag, option
 from gpt2.errors import UserError
 from gpt2.files import atomic_write, file_sha256
 from gpt2.tokenizer import EOT_ID, RANKS_SHA256, get_encoding
@@ -48,7 +49,7 @@ FORMAT = "gpt2-shards/1"
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
 # These settings decide the bytes of the output: a directory prepared with other values is not resumed.
 IDENTITY_KEYS = ("format", "source", "tokenizer", "tokenizer_sha256", "eot_id", "dtype", "shard_tokens",
-                 "val_tokens", "max_docs", "max_tokens")  # fmt: skip
+                 "val_shard_tokens", "max_docs", "max_tokens")  # fmt: skip
 
 
 def default_workers() -> int:
@@ -56,33 +57,51 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+SOURCE, OUTPUT, SPEED = "source (default: the Hugging Face dataset, streamed)", "output", "speed"
+
+
 @dataclass
 class PrepareConfig:
-    """Everything that ``prepare`` needs; ``prepare_fineweb.py`` fills it from the command line."""
+    """Everything that ``prepare`` needs; its fields are ``prepare_fineweb.py``'s flags (``gpt2.cli``)."""
 
-    out: Path = Path("data/fineweb_edu10B")
-    inputs: list[str] = field(default_factory=list)  # local files, globs or directories; empty: the hub dataset
-    dataset: str = "HuggingFaceFW/fineweb-edu"
-    name: str | None = "sample-10BT"
-    split: str = "train"
-    text_field: str = "text"
-    shard_tokens: int = 100_000_000
-    val_tokens: int | None = None  # None: one shard
-    workers: int = field(default_factory=default_workers)
-    max_docs: int | None = None
-    max_tokens: int | None = None
-    skip_bad: bool = False
-    overwrite: bool = False
-    batch_chars: int = 1 << 20  # characters of text (jsonl: bytes) per unit of work handed to a worker
+    input: list[str] = option(
+        default_factory=list, group=SOURCE, metavar="PATH",
+        help="local files, globs or directories instead of the hub: .parquet, .jsonl, .jsonl.gz, or .txt (one "
+        "document per file); read in the order given, globs and directories sorted by name",
+    )  # fmt: skip
+    dataset: str = option("HuggingFaceFW/fineweb-edu", "hub dataset", group=SOURCE)
+    name: str | None = option("sample-10BT", "hub dataset config; '' for none", group=SOURCE)
+    split: str = option("train", "hub dataset split", group=SOURCE)
+    text_field: str = option("text", "column or JSON field holding the document", group=SOURCE)
+    max_docs: int | None = option(None, "stop after this many documents (default: all)", group=SOURCE)
+    max_tokens: int | None = option(None, "stop after exactly this many tokens (default: all)", group=SOURCE)
+    skip_bad: bool = option(
+        False, "skip and count malformed documents (bad JSON, missing/null text, invalid UTF-8) instead of "
+        "stopping at the first one", group=SOURCE,
+    )  # fmt: skip
+    out: Path = option(Path("data/fineweb_edu10B"), "output directory", group=OUTPUT)
+    shard_tokens: int = option(100_000_000, "tokens per shard; the last one is shorter", group=OUTPUT)
+    val_shard_tokens: int | None = option(
+        None, "tokens of the validation shard 0 (default: --shard-tokens)", aliases=["--val-tokens"], group=OUTPUT
+    )
+    overwrite: bool = option(
+        False, "replace the shards and manifest in --out, even from another source or settings", group=OUTPUT
+    )
+    workers: int = option(
+        default_factory=default_workers, help="tokenizer processes (default: the cores this process may use)",
+        group=SPEED,
+    )  # fmt: skip
+    batch_chars: int = option(1 << 20, "characters (jsonl: bytes) of text per unit of work", group=SPEED)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        if self.val_tokens is None:
-            self.val_tokens = self.shard_tokens
-        for name in ("shard_tokens", "val_tokens", "workers", "batch_chars", "max_docs", "max_tokens"):
+        self.name = self.name or None
+        if self.val_shard_tokens is None:
+            self.val_shard_tokens = self.shard_tokens
+        for name in ("shard_tokens", "val_shard_tokens", "workers", "batch_chars", "max_docs", "max_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+                raise UserError(f"{flag(name)} must be at least 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -566,7 +585,8 @@ def _is_output_file(name: str) -> bool:
 
 def _new_manifest(cfg: PrepareConfig, source: FileSource | HubSource) -> dict[str, Any]:
     settings = {"format": FORMAT, "source": source.identity, "tokenizer": "gpt2", "tokenizer_sha256": RANKS_SHA256,
-                "eot_id": EOT_ID, "dtype": "uint16", "shard_tokens": cfg.shard_tokens, "val_tokens": cfg.val_tokens,
+                "eot_id": EOT_ID, "dtype": "uint16", "shard_tokens": cfg.shard_tokens,
+                "val_shard_tokens": cfg.val_shard_tokens,
                 "max_docs": cfg.max_docs, "max_tokens": cfg.max_tokens, "skip_bad": cfg.skip_bad}  # fmt: skip
     return {**settings, "complete": False, **_counts(Position()), "shards": [], "next": asdict(Position())}
 
@@ -611,6 +631,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
         if manifest.get("format") == FORMAT:
+            if "val_tokens" in manifest:  # written before v0.2, which renamed the setting
+                manifest["val_shard_tokens"] = manifest.pop("val_tokens")
             return manifest
     except (ValueError, AttributeError):
         pass
@@ -676,7 +698,7 @@ class _ShardWriter:
         self.pending: Future | None = None
 
     def _capacity(self) -> int:
-        return self.cfg.val_tokens if self.index == 0 else self.cfg.shard_tokens
+        return self.cfg.val_shard_tokens if self.index == 0 else self.cfg.shard_tokens
 
     def add(self, batch: _Batch, tokens: np.ndarray, lengths: np.ndarray) -> Position | None:
         """Copy a batch in; once --max-tokens is reached, the final position (the rest of the batch is dropped)."""
@@ -701,8 +723,8 @@ class _ShardWriter:
         self._wait()
         if self.index < 2:
             raise UserError(
-                f"the input holds only {self.tokens:,} tokens, no more than --val-tokens {self.cfg.val_tokens:,}: "
-                "nothing is left for a training shard; lower --val-tokens"
+                f"the input holds only {self.tokens:,} tokens, no more than --val-shard-tokens "
+                f"{self.cfg.val_shard_tokens:,}: nothing is left for a training shard; lower --val-shard-tokens"
             )
         self.manifest.update(complete=True, next=asdict(final), **_counts(final))
         _write_manifest(self.cfg.out, self.manifest)
@@ -740,8 +762,8 @@ class _ShardWriter:
 def prepare(cfg: PrepareConfig, on_progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
     """Prepare the shards in ``cfg.out``, or finish a run that was interrupted; returns the final manifest."""
     source = (
-        FileSource(cfg.inputs, cfg.text_field)
-        if cfg.inputs
+        FileSource(cfg.input, cfg.text_field)
+        if cfg.input
         else HubSource(cfg.dataset, cfg.name, cfg.split, cfg.text_field)
     )
     manifest, start = _open_output(cfg, source)

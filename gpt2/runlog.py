@@ -3,7 +3,8 @@
 Record kinds (one JSON object per line, written by rank 0 only):
 
 - ``{"step", "kind": "train", "loss", "lr", "grad_norm", "tokens", "dt_ms", "tok_per_s", "mfu"}`` for
-  optimizer step ``step`` (0-based); ``tokens`` counts all tokens trained on once it is done.
+  optimizer step ``step`` (0-based); ``tokens`` counts all tokens trained on once it is done; on CUDA also
+  ``peak_mem_gib``, the most GPU memory allocated so far.
 - ``{"step", "kind": "val", "loss"}``, ``{"step", "kind": "hellaswag", "acc", "acc_norm", "n"}`` and
   ``{"step", "kind": "sample", "text"}``, measured on the weights after ``step`` optimizer steps.
 """
@@ -14,7 +15,9 @@ import json
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from gpt2.files import atomic_write_text
+from gpt2.files import atomic_write_text, read_jsonl
+
+LOG_FILE = "log.jsonl"  # a run directory's log, one JSON record per line
 
 
 class Reporter(Protocol):
@@ -40,8 +43,6 @@ class JsonlLog:
         """The records so far; a last line cut short by a crash is left out (a bad line elsewhere is an error)."""
         if not self.path.exists():
             return []
-        from gpt2.hellaswag import read_jsonl
-
         return [record for _, record in read_jsonl(self.path, allow_partial_tail=True)]
 
     def truncate_to(self, step: int) -> int:
@@ -91,9 +92,10 @@ class ConsoleReporter:
             self._dt_ms = self.smoothing * self._dt_ms + (1 - self.smoothing) * dt
         eta_s = (self.max_steps - rec["step"] - 1) * self._dt_ms / 1000
         mfu = f"{100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else "n/a"
+        memory = f" | mem {rec['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in rec else ""
         return (
             f"step {rec['step']:>6}/{self.max_steps} | loss {rec['loss']:.6f} | lr {rec['lr']:.3e} | "
-            f"norm {rec['grad_norm']:.4f} | {dt:.0f} ms | {rec['tok_per_s']:,.0f} tok/s | mfu {mfu} | "
+            f"norm {rec['grad_norm']:.4f} | {dt:.0f} ms | {rec['tok_per_s']:,.0f} tok/s | mfu {mfu}{memory} | "
             f"eta {format_duration(eta_s)}"
         )
 

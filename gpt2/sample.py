@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 from gpt2.checkpoint import load_model, unwrap
-from gpt2.distributed import autocast, resolve_device
+from gpt2.cli import option, parse
+from gpt2.distributed import DEVICES, DTYPES, autocast, resolve_device
 from gpt2.errors import UserError, run_cli
 from gpt2.model import GPT
 from gpt2.tokenizer import get_encoding
@@ -24,7 +25,7 @@ def generate(
     temperature: float = 1.0,
     seed: int = 42,
     device: str = "cpu",
-    dtype: str = "fp32",
+    dtype: str = "bf16",
 ) -> list[list[int]]:
     """Continue ``prompt_ids`` ``num_samples`` times; the same seed gives the same tokens.
 
@@ -65,33 +66,40 @@ def sample_text(model: GPT, prompt: str, **kwargs) -> list[str]:
     return [prompt + enc.decode(tokens) for tokens in generate(model, ids, **kwargs)]
 
 
+@dataclass
+class SampleConfig:
+    """``python -m gpt2.sample``'s arguments (``gpt2.cli``)."""
+
+    target: str = option(
+        help="checkpoint file, run directory, Hugging Face directory or hub id (gpt2 ... gpt2-xl)", positional=True
+    )
+    prompt: str = option("Hello, I'm a language model,", "text to continue")
+    num_samples: int = option(5, "continuations to draw")
+    max_new_tokens: int = option(30, "tokens per continuation")
+    top_k: int = option(50, "sample among the k most likely tokens (0: all)")
+    temperature: float = option(1.0, "softmax temperature")
+    seed: int = option(42, "the same seed draws the same text")
+    device: str = option("auto", "auto: CUDA when present, else CPU", choices=DEVICES)
+    dtype: str = option("bf16", "autocast dtype", choices=list(DTYPES))
+    compile: bool = option(False, "run the model through torch.compile")
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gpt2.sample", description=__doc__)
-    p.add_argument("target", help="checkpoint file, run directory, Hugging Face directory or hub id (gpt2 ... gpt2-xl)")
-    p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("--num-samples", type=int, default=5)
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto", help="auto, cuda, cpu or mps")
-    p.add_argument("--dtype", default="fp32", help="bf16 or fp32")
-    p.add_argument("--compile", action="store_true", help="run the model through torch.compile")
-    args = p.parse_args(argv)
-    device = resolve_device(args.device)
-    model, _ = load_model(args.target, device)
-    if args.compile:
+    cfg = parse(SampleConfig, argv, prog="python -m gpt2.sample", description=__doc__)
+    device = resolve_device(cfg.device)
+    model, _ = load_model(cfg.target, device)
+    if cfg.compile:
         model = torch.compile(model, dynamic=True)
     texts = sample_text(
         model,
-        args.prompt,
-        num_samples=args.num_samples,
-        max_new_tokens=args.max_new_tokens,
-        top_k=args.top_k or None,
-        temperature=args.temperature,
-        seed=args.seed,
+        cfg.prompt,
+        num_samples=cfg.num_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        top_k=cfg.top_k or None,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
         device=device,
-        dtype=args.dtype,
+        dtype=cfg.dtype,
     )
     for i, text in enumerate(texts):
         print(f"sample {i}: {text}")

@@ -26,31 +26,46 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2.checkpoint import (
+    ModelState,
     checkpoint_path,
+    config_from_checkpoint,
     find_checkpoints,
     load_checkpoint,
-    model_from_checkpoint,
-    model_payload,
     save_checkpoint,
+    upgrade_checkpoint,
 )
-from gpt2.config import PADDED_VOCAB_MULTIPLE, TrainConfig, flag
+from gpt2.cli import flag
+from gpt2.config import PADDED_VOCAB_MULTIPLE, TrainConfig
 from gpt2.data import PAD_TARGET, TrainLoader, ValLoader, list_shards
-from gpt2.distributed import DistContext, all_reduce_sum, autocast, barrier, destroy_distributed, init_distributed
-from gpt2.errors import UserError
+from gpt2.distributed import (
+    DistContext,
+    all_reduce_sum,
+    autocast,
+    barrier,
+    destroy_distributed,
+    enable_tf32,
+    init_distributed,
+    peak_memory_gib,
+)
+from gpt2.errors import EXIT_DIVERGED, UserError
+from gpt2.hf import load_hf_model
+from gpt2.hostmem import HostMemory
 from gpt2.metrics import device_peak, mfu
 from gpt2.model import GPT, GPTConfig
-from gpt2.runlog import JsonlLog, Reporter
+from gpt2.optim import Optimizers, build_optimizers
+from gpt2.runlog import LOG_FILE, JsonlLog, Reporter
 from gpt2.sample import sample_text
-from gpt2.schedule import lr_at
+from gpt2.schedule import lr_multiplier
 from gpt2.tokenizer import get_encoding
+from gpt2.tracking import Trackers, open_trackers
 
-LOG_FILE = "log.jsonl"
-TRAINING_STATE = ("optimizer", "loader", "rng", "train_config")
 OTHER_STOP = 1000  # a stop requested by code rather than by a signal (signal numbers are smaller)
 
 
 class NonFiniteLoss(UserError):
     """The loss or the gradient norm became NaN or infinite; the run stops without touching its checkpoints."""
+
+    exit_code = EXIT_DIVERGED
 
 
 @dataclass
@@ -110,31 +125,34 @@ def forward_backward(
     dtype: str,
 ) -> torch.Tensor:
     """Accumulate the gradient of the global batch's mean loss over ``grad_accum_steps`` micro-batches;
-    return this rank's mean loss (detached)."""
+    return this rank's mean loss (detached).
+
+    One autocast region spans all micro-steps: autocast caches the bf16 copy of each fp32 weight until the
+    region ends, so the weights are cast once per optimizer step instead of once per micro-step.
+    """
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
-    for micro_step in range(grad_accum_steps):
-        x, y = next_batch()
-        # DDP all-reduces gradients during backward; do it once, on the last micro-step, not every time.
-        last = micro_step == grad_accum_steps - 1
-        sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
-        with sync:
-            with autocast(device_type, dtype):
+    with autocast(device_type, dtype):
+        for micro_step in range(grad_accum_steps):
+            x, y = next_batch()
+            # DDP all-reduces gradients during backward; do it once, on the last micro-step, not every time.
+            last = micro_step == grad_accum_steps - 1
+            with contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
                 _, loss = model(x, y)
-            # Every micro-batch holds the same number of tokens, so the mean of the means is the global mean;
-            # DDP then averages the ranks' gradients, which are means over equal shares too.
-            loss = loss / grad_accum_steps
-            loss.backward()
-        loss_sum += loss.detach()
+                # Every micro-batch holds the same number of tokens, so the mean of the means is the global mean;
+                # DDP then averages the ranks' gradients, which are means over equal shares too.
+                loss = loss / grad_accum_steps
+                loss.backward()
+            loss_sum += loss.detach()
     return loss_sum
 
 
 def train_step(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizers,
     next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     *,
     grad_accum_steps: int,
-    lr: float,
+    lr_multiplier: float,
     grad_clip: float,
     ctx: DistContext,
     dtype: str,
@@ -147,12 +165,11 @@ def train_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     loss_value, norm_value = torch.stack([loss, grad_norm.to(loss.device)]).tolist()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         raise NonFiniteLoss(f"loss {loss_value}, gradient norm {norm_value}")
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    optimizer.set_lr_multiplier(lr_multiplier)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     return StepStats(loss=loss_value, grad_norm=norm_value)
 
 
@@ -200,7 +217,8 @@ def find_resume_checkpoint(cfg: TrainConfig, say: Callable[[str], None]) -> tupl
 
 
 def _resumable(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
-    missing = [key for key in TRAINING_STATE if key not in ckpt]
+    ckpt = upgrade_checkpoint(ckpt)
+    missing = [key for key in (*RUN_STATE, "train_config") if key not in ckpt]
     if missing:
         raise UserError(f"checkpoint {path} holds no training state ({', '.join(missing)}), so it cannot be resumed")
     return ckpt
@@ -210,8 +228,8 @@ def check_architecture(ckpt: dict[str, Any], cfg: TrainConfig, source: Path) -> 
     """A run directory belongs to one architecture: refuse to continue it with another."""
     if cfg.init_from is not None:
         return  # the architecture is the pretrained model's, whatever the flags say
-    wanted = cfg.model_config().to_dict()
-    diffs = [f"{k} {ckpt['config'].get(k)} vs {v}" for k, v in wanted.items() if ckpt["config"].get(k) != v]
+    wanted, saved = cfg.model_config().to_dict(), config_from_checkpoint(ckpt, source).to_dict()
+    diffs = [f"{k} {saved[k]} vs {v}" for k, v in wanted.items() if saved[k] != v]
     if diffs:
         raise UserError(
             f"{source} is a checkpoint of a different architecture ({', '.join(diffs)} in this run); "
@@ -220,32 +238,57 @@ def check_architecture(ckpt: dict[str, Any], cfg: TrainConfig, source: Path) -> 
 
 
 def build_model(cfg: TrainConfig, ckpt: dict[str, Any] | None, source: Path | None) -> GPT:
-    """The model to train: the checkpoint's, the pretrained one (vocabulary padded), or a fresh one."""
+    """The model to train: the checkpoint's architecture (its weights are restored with the rest of the run
+    state), the pretrained model (vocabulary padded), or a fresh one."""
     torch.manual_seed(cfg.seed)  # every rank draws the same initial weights
     if ckpt is not None:
-        return model_from_checkpoint(ckpt, source)
+        return GPT(config_from_checkpoint(ckpt, source))
     if cfg.init_from is not None:
-        return GPT.from_pretrained(cfg.init_from, vocab_multiple=PADDED_VOCAB_MULTIPLE)
+        return load_hf_model(cfg.init_from, vocab_multiple=PADDED_VOCAB_MULTIPLE)
     return GPT(cfg.model_config())
 
 
-def gather_rng_states(ctx: DistContext) -> dict[str, list[torch.Tensor] | None]:
-    """Every rank's torch RNG states (CPU, and CUDA where used), indexed by rank."""
-    cuda = ctx.device_type == "cuda"
-    state = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
-    states = [state]
-    if ctx.is_distributed:
-        states = [None] * ctx.world_size
-        dist.all_gather_object(states, state)
-    return {"cpu": [s[0] for s in states], "cuda": [s[1] for s in states] if cuda else None}
+# ----------------------------------------------------------------------------------------------------------------------
+# Run state: every component a checkpoint saves and a resume restores, each with state_dict/load_state_dict
+
+RUN_STATE = ("model", "optimizer", "loader", "rng", "progress")
 
 
-def restore_rng_states(rng: dict[str, list[torch.Tensor] | None], ctx: DistContext) -> None:
-    """Restore this rank's RNG states (rank 0's when the world size changed)."""
-    index = ctx.rank if len(rng["cpu"]) == ctx.world_size else 0
-    torch.set_rng_state(rng["cpu"][index].cpu())
-    if ctx.device_type == "cuda" and rng.get("cuda"):
-        torch.cuda.set_rng_state(rng["cuda"][index].cpu())
+@dataclass
+class Progress:
+    """How far the run is: optimizer steps taken, and the last validation loss."""
+
+    step: int = 0
+    val_loss: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "val_loss": self.val_loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.val_loss = int(state["step"]), state.get("val_loss")
+
+
+class RngState:
+    """Every rank's torch RNG states (CPU, and CUDA where used). ``state_dict`` is a collective: every rank
+    calls it; ``load_state_dict`` restores this rank's states (rank 0's when the world size changed)."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+
+    def state_dict(self) -> dict[str, list[torch.Tensor] | None]:
+        cuda = self.ctx.device_type == "cuda"
+        state = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
+        states = [state]
+        if self.ctx.is_distributed:
+            states = [None] * self.ctx.world_size
+            dist.all_gather_object(states, state)
+        return {"cpu": [s[0] for s in states], "cuda": [s[1] for s in states] if cuda else None}
+
+    def load_state_dict(self, rng: dict[str, list[torch.Tensor] | None]) -> None:
+        index = self.ctx.rank if len(rng["cpu"]) == self.ctx.world_size else 0
+        torch.set_rng_state(rng["cpu"][index].cpu())
+        if self.ctx.device_type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"][index].cpu())
 
 
 def check_sampling(cfg: TrainConfig, config: GPTConfig) -> None:
@@ -258,13 +301,6 @@ def check_sampling(cfg: TrainConfig, config: GPTConfig) -> None:
             f"--sample-prompt ({len(ids)} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds the model's "
             f"block size {config.block_size}"
         )
-
-
-def enable_tf32(device_type: str) -> None:
-    """TF32 tensor cores for the fp32 matmuls left outside autocast (CUDA only)."""
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -292,16 +328,22 @@ class Trainer:
         if cfg.sample_every:
             check_sampling(cfg, model_cfg)
         self._build_data(model_cfg.vocab_size)
-        self.optimizer = self.model.configure_optimizer(
-            cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, ctx.device_type
-        )
-        self.start_step, self.val_loss, self.last_checkpoint = 0, None, ckpt_path
+        self.optimizer = build_optimizers(self.model, cfg, ctx.device_type)
+        self.progress = Progress()
+        self.run_state = {
+            "model": ModelState(self.model, ckpt_path or "checkpoint"),
+            "optimizer": self.optimizer,
+            "loader": self.loader,
+            "rng": RngState(ctx),
+            "progress": self.progress,
+        }
+        assert tuple(self.run_state) == RUN_STATE
         if ckpt is not None:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.loader.load_state_dict(ckpt["loader"])
-            restore_rng_states(ckpt["rng"], ctx)
-            self.start_step, self.val_loss = int(ckpt["step"]), ckpt.get("val_loss")
+            for name, component in self.run_state.items():
+                component.load_state_dict(ckpt[name])
+        self.start_step, self.last_checkpoint = self.progress.step, ckpt_path
         self._wrap_model()
+        self.host_memory = HostMemory.keep_freed(ctx.device_type)  # CPU: no page re-zeroing every micro-step
         self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
         self.peak_flops = device_peak(ctx.device, cfg.peak_flops()) if ctx.is_main else None
         self._open_log()
@@ -330,16 +372,29 @@ class Trainer:
         self.train_model = self.compiled
         if self.ctx.is_distributed:
             device_ids = [self.ctx.local_rank] if self.ctx.device_type == "cuda" else None
-            self.train_model = DDP(self.compiled, device_ids=device_ids)
+            # Gradients as views into DDP's all-reduce buckets: one copy of them in memory, not two.
+            self.train_model = DDP(self.compiled, device_ids=device_ids, gradient_as_bucket_view=True)
 
     def _open_log(self) -> None:
-        """Rank 0's log.jsonl, cut back to the history of the state being resumed."""
+        """Rank 0's log.jsonl, cut back to the history of the state being resumed, and its tracker mirrors."""
+        cfg = self.cfg
         self.log = JsonlLog(self.out / LOG_FILE) if self.ctx.is_main else None
-        if self.log is not None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            dropped = self.log.truncate_to(self.start_step)
-            if dropped:
-                self.say(f"{self.log.path}: dropped {dropped} records after step {self.start_step} (not checkpointed)")
+        self.trackers = Trackers()
+        if self.log is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        logged = self.log.read()  # before the cut: what an interrupted attempt may already have sent to trackers
+        dropped = self.log.truncate_to(self.start_step)
+        if dropped:
+            self.say(f"{self.log.path}: dropped {dropped} records after step {self.start_step} (not checkpointed)")
+        if cfg.wandb is not None or cfg.tensorboard is not None:
+            self.trackers = open_trackers(
+                self.out, wandb_project=cfg.wandb, wandb_run=cfg.wandb_run, tensorboard_dir=cfg.tensorboard_dir(),
+                resume_step=self.start_step, logged=logged, warn=lambda text: self.say(f"warning: {text}"),
+            )  # fmt: skip
+            for note in self.trackers.notes:
+                self.say(note)
+            self.trackers.log_config(cfg.to_dict())
 
     def say(self, text: str) -> None:
         if self.reporter is not None:
@@ -348,6 +403,7 @@ class Trainer:
     def report(self, rec: dict[str, Any]) -> None:
         if self.log is not None:
             self.log.append(rec)
+            self.trackers.log_record(rec)
         if self.reporter is not None:
             self.reporter.record(rec)
 
@@ -368,7 +424,7 @@ class Trainer:
         cfg, step = self.cfg, self.start_step
         if step >= cfg.max_steps:
             self.say(f"nothing to do: the run is already at step {step} of --max-steps {cfg.max_steps}")
-            return TrainResult(step, self.val_loss, self.last_checkpoint)
+            return TrainResult(step, self.progress.val_loss, self.last_checkpoint)
         stop_reason = None
         while True:
             last = step == cfg.max_steps
@@ -380,19 +436,22 @@ class Trainer:
             if last or stopping:
                 break
             self._train(step)
-            step += 1
+            step = self.progress.step = step + 1
             stop_reason = self._agree_on_stop()
         if not stopping:
-            return TrainResult(step, self.val_loss, self.last_checkpoint)
+            return TrainResult(step, self.progress.val_loss, self.last_checkpoint)
         self.say(
             f"stopped by {stop_reason} after step {step}; newest checkpoint: {self.last_checkpoint}; "
             f"run the same command again to resume"
         )
-        return TrainResult(step, self.val_loss, self.last_checkpoint, stop_reason)
+        return TrainResult(step, self.progress.val_loss, self.last_checkpoint, stop_reason)
 
     def _train(self, step: int) -> None:
         cfg = self.cfg
-        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+        multiplier = lr_multiplier(
+            step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr / cfg.lr,
+            schedule=cfg.schedule, cooldown_frac=cfg.cooldown_frac,
+        )  # fmt: skip
         t0 = time.perf_counter()
         try:
             stats = train_step(
@@ -400,7 +459,7 @@ class Trainer:
                 self.optimizer,
                 self.loader.next_batch,
                 grad_accum_steps=self.loader.grad_accum_steps,
-                lr=lr,
+                lr_multiplier=multiplier,
                 grad_clip=cfg.grad_clip,
                 ctx=self.ctx,
                 dtype=cfg.dtype,
@@ -408,18 +467,21 @@ class Trainer:
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"non-finite {e} at step {step}; stopping ({self._last_good()})") from None
         dt = time.perf_counter() - t0
+        if self.host_memory is not None:
+            self.host_memory.after_step()
         tok_per_s = cfg.batch_tokens / dt
         self.report(
             {
                 "step": step,
                 "kind": "train",
                 "loss": stats.loss,
-                "lr": lr,
+                "lr": cfg.lr * multiplier,  # --lr under the schedule; every group's rate is its base rate x this
                 "grad_norm": stats.grad_norm,
                 "tokens": (step + 1) * cfg.batch_tokens,
                 "dt_ms": 1000 * dt,
                 "tok_per_s": tok_per_s,
                 "mfu": mfu(self.flops_per_token, tok_per_s / self.ctx.world_size, self.peak_flops),
+                **({"peak_mem_gib": memory} if (memory := peak_memory_gib(self.ctx.device)) is not None else {}),
             }
         )
 
@@ -457,7 +519,7 @@ class Trainer:
                 raise NonFiniteLoss(
                     f"non-finite validation loss {val_loss} at step {step}; stopping ({self._last_good()})"
                 )
-            self.val_loss = val_loss
+            self.progress.val_loss = val_loss
             self.report({"step": step, "kind": "val", "loss": val_loss})
         if self.hellaswag_examples is not None and due(cfg.hellaswag_every):
             from gpt2.hellaswag import evaluate
@@ -486,18 +548,12 @@ class Trainer:
         # in the next loss: check the weights themselves before they can replace a good checkpoint.
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise NonFiniteLoss(f"non-finite weights after step {step}; stopping ({self._last_good()})")
-        rng = gather_rng_states(self.ctx)  # a collective: every rank takes part
+        # Every rank builds the payload: the RNG states are gathered with a collective.
+        state = {name: component.state_dict() for name, component in self.run_state.items()}
         if self.ctx.is_main:
             path = checkpoint_path(self.out, step)
-            payload = {
-                **model_payload(self.model, step),
-                "optimizer": self.optimizer.state_dict(),
-                "loader": self.loader.state_dict(),
-                "rng": rng,
-                "train_config": self.cfg.to_dict(),
-                "val_loss": self.val_loss,
-            }
-            save_checkpoint(path, payload)
+            meta = {"config": self.model.config.to_dict(), "step": step, "train_config": self.cfg.to_dict()}
+            save_checkpoint(path, {**state, **meta})
             if self.cfg.keep_last:
                 for _, old in find_checkpoints(self.out)[: -self.cfg.keep_last]:
                     old.unlink()
@@ -509,6 +565,8 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, stop: StopRequest 
     """Train according to ``cfg`` in this process (one rank of a torchrun job, or alone)."""
     ctx = init_distributed(cfg.device)
     try:
-        return Trainer(cfg, ctx, reporter, stop or StopRequest()).run()
+        trainer = Trainer(cfg, ctx, reporter, stop or StopRequest())
+        with trainer.trackers:  # closed (with the exit status) however the run ends
+            return trainer.run()
     finally:
         destroy_distributed()

@@ -17,12 +17,12 @@ step() { printf '\n==> [%ds] %s\n' $((SECONDS - start)) "$*"; }
 
 step "prepare: tokenize data/sample into $DATA"
 "$PY" prepare_fineweb.py --input data/sample/wiki.jsonl data/sample/c4.jsonl --out "$DATA" \
-  --shard-tokens 131072 --val-tokens 65536
+  --shard-tokens 131072 --val-shard-tokens 65536
 
-step "train: a 4-layer GPT for 200 steps with torchrun --nproc_per_node=$NPROC, into $RUN"
+step "train: the 4-layer demo GPT (--model demo) for 200 steps with torchrun --nproc_per_node=$NPROC, into $RUN"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train.py \
   --data "$DATA" --out "$RUN" \
-  --n-layer 4 --n-head 4 --n-embd 64 --block-size 64 --seq-len 64 \
+  --model demo --seq-len 64 \
   --micro-batch 16 --batch-tokens $(( NPROC >= 2 ? 1024 * NPROC : 2048 )) \
   --max-steps 200 --warmup-steps 10 --lr 1e-2 --min-lr 1e-3 \
   --eval-every 50 --val-tokens 16384 --save-every 50 --sample-every 100 --device auto

@@ -1,19 +1,22 @@
-"""Shared test fixtures: the repository root, the shared data folder (skipped where absent), tiny models."""
+"""Shared pytest fixtures and settings (helpers live in ``support.py``)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from support import SHARED_DATA, write_shards
 
-from gpt2.model import GPT, GPTConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread: on a small shared box, OpenMP threads waiting on each other dominate tiny ops."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -24,19 +27,9 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def tiny_config(**overrides: int) -> GPTConfig:
-    """A GPT small enough to train in seconds on a CPU, with GPT-2's real vocabulary."""
-    return GPTConfig(**{**dict(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32), **overrides})
-
-
-def tiny_model(seed: int = 0, **overrides: int) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(tiny_config(**overrides))
-
-
-def run_python(*args: str | Path, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None):
-    """Run ``python ARGS`` (a script or ``-m module``) like a user would; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random tokens below 256 with a learnable pattern (every other token repeats the one before it)."""
+    rng = np.random.default_rng(0)
+    tokens = np.repeat(rng.integers(0, 256, 40_000), 2)
+    return write_shards(tmp_path_factory.mktemp("synthetic"), tokens[:8_000], [tokens[8_000:40_000], tokens[40_000:]])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import run_python, tiny_model
+from support import run_python, tiny_model
 
 from gpt2.checkpoint import clean_state_dict, find_checkpoints, load_model, model_payload, save_checkpoint
 from gpt2.errors import UserError
@@ -38,6 +38,7 @@ def test_load_model_from_run_dir_takes_newest(run_dir):
     torch.testing.assert_close(model.state_dict(), tiny_model(seed=3).state_dict())
 
 
+@pytest.mark.slow
 def test_same_seed_same_text_compiled_or_not():
     model = tiny_model(seed=4).eval()
     eager = generate(model, [15496, 11], num_samples=3, max_new_tokens=8, seed=42)
@@ -48,6 +49,7 @@ def test_same_seed_same_text_compiled_or_not():
     assert all(0 <= t < 50257 for row in eager for t in row)
 
 
+@pytest.mark.slow
 def test_sample_cli(run_dir):
     result = run_python("-m", "gpt2.sample", run_dir / "ckpt_000005.pt", "--num-samples", "2", "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr
@@ -77,9 +79,10 @@ def mismatched(run_dir):
         (corrupt, [], "ckpt_000010.pt cannot be loaded"),
         (mismatched, [], "config does not match the weights"),
         (lambda d: d, ["--prompt", "word " * 70], "exceeds the model's block size 64"),
-        (lambda d: d / "ckpt_000005.pt", ["--device", "tpu"], "unknown device 'tpu'"),
+        (lambda d: d / "ckpt_000005.pt", ["--device", "tpu"], "invalid choice: 'tpu'"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_line(run_dir, make_target, args, message):
     result = run_python("-m", "gpt2.sample", make_target(run_dir), *args)
     assert result.returncode == 2

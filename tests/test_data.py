@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from support import tiny_model
 
 from gpt2.data import TrainLoader, ValLoader, list_shards
 from gpt2.errors import UserError

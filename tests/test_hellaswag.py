@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_python, tiny_model
-from torch.nn import functional as F
+from support import ROOT, reference_losses, run_python, tiny_model
 
 from gpt2.checkpoint import checkpoint_path, model_payload, save_checkpoint
 from gpt2.distributed import DistContext
@@ -34,17 +33,6 @@ from gpt2.hellaswag import (
     run,
 )
 from gpt2.scoring import ContinuationScorer, batch_tensors
-from gpt2.tokenizer import get_encoding
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared box, OpenMP threads waiting on each other dominate tiny ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 WORDS = "the a man woman dog ball runs jumps over under quickly slowly red blue house tree water then and it".split()
 
@@ -65,21 +53,6 @@ def make_examples(n: int, seed: int = 0) -> list[Example]:
 def write_jsonl(path: Path, examples: list[Example]) -> Path:
     path.write_text("".join(json.dumps({**asdict(e), "endings": list(e.endings)}) + "\n" for e in examples))
     return path
-
-
-@torch.no_grad()
-def reference_losses(model: torch.nn.Module, example: Example) -> tuple[list[float], list[float]]:
-    """The obvious computation: each ending alone after the (left-truncated) context, full logits, no padding."""
-    enc = get_encoding()
-    ctx = enc.encode_ordinary(example.ctx)
-    endings = [enc.encode_ordinary(" " + e) for e in example.endings]
-    ctx = ctx[max(0, len(ctx) + max(map(len, endings)) - model.config.block_size) :]
-    sums = []
-    for ending in endings:
-        logits, _ = model(torch.tensor([ctx + ending]))
-        logprobs = F.log_softmax(logits[0].double(), dim=-1)
-        sums.append(-sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(ending)))
-    return sums, [s / len(e) for s, e in zip(sums, endings)]
 
 
 def argmin(values: list[float]) -> int:
@@ -129,6 +102,7 @@ def test_a_rows_loss_does_not_depend_on_where_the_batch_ends():
         assert torch.equal(losses, scorer(*batch_tensors([row], "cpu"))[0])
 
 
+@pytest.mark.slow
 def test_compiled_scorer_agrees_with_eager():
     """--compile: one dynamic-shape graph serves every bucket length; same predictions, losses to fp32 rounding."""
     model = tiny_model().eval()
@@ -168,12 +142,13 @@ def python(*args: str | Path) -> subprocess.CompletedProcess:
     return run_python(*args, env=ONE_THREAD)
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path):
     examples = make_examples(30, seed=2)
     data = write_jsonl(tmp_path / "hs.jsonl", examples)
     ckpt = save_tiny_checkpoint(tmp_path / "run", 100, seed=3)
     out, preds = tmp_path / "results.json", tmp_path / "preds.jsonl"
-    proc = torchrun("eval_hellaswag.py", ckpt, "--data", data, "--dtype", "fp32", "--batch-size", "4",
+    proc = torchrun("eval_hellaswag.py", ckpt, "--hellaswag-data", data, "--dtype", "fp32", "--batch-size", "4",
                     "--out", out, "--predictions", preds)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     single = evaluate(tiny_model(seed=3).eval(), examples, DistContext(), dtype="fp32", keep_predictions=True)
@@ -184,6 +159,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert [json.loads(line) for line in preds.read_text().splitlines()] == [asdict(p) for p in single.predictions]
 
 
+@pytest.mark.slow
 def test_shared_val_predictions_identical_batched_unbatched_two_ranks(shared_data, tmp_path):
     """The acceptance check on real validation examples: --predictions files agree byte for byte.
 
@@ -196,7 +172,7 @@ def test_shared_val_predictions_identical_batched_unbatched_two_ranks(shared_dat
     texts = []
     for launch, batch_size in [(python, 64), (python, 1), (torchrun, 64)]:
         out = tmp_path / f"{launch.__name__}-{batch_size}.jsonl"
-        proc = launch("eval_hellaswag.py", ckpt, "--data", data, "--limit", str(limit), "--dtype", "fp32",
+        proc = launch("eval_hellaswag.py", ckpt, "--hellaswag-data", data, "--limit", str(limit), "--dtype", "fp32",
                       "--batch-size", str(batch_size), "--predictions", out)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip().endswith(f"n={limit}")
@@ -211,7 +187,7 @@ def test_run_directory_is_scored_incrementally(tmp_path):
     run_dir = tmp_path / "run"
     for step in (10, 20):
         save_tiny_checkpoint(run_dir, step, seed=step)
-    cfg = EvalConfig(target=str(run_dir), data=data, dtype="fp32", progress=False)
+    cfg = EvalConfig(target=str(run_dir), hellaswag_data=data, dtype="fp32", progress=False)
     lines: list[str] = []
     assert len(run(cfg, report=lines.append)) == 2
     records = [json.loads(line) for line in (run_dir / SCORES_FILE).read_text().splitlines()]
@@ -247,11 +223,12 @@ def wait_for(predicate, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_watch_scores_new_checkpoints_and_waits_out_unreadable_ones(tmp_path):
     data = write_jsonl(tmp_path / "hs.jsonl", make_examples(6, seed=5))
     run_dir = tmp_path / "run"  # the watch starts before the trainer has made the run directory
     proc = subprocess.Popen(
-        [sys.executable, "eval_hellaswag.py", run_dir, "--data", data, "--watch", "--interval", "0.2"],
+        [sys.executable, "eval_hellaswag.py", run_dir, "--hellaswag-data", data, "--watch", "--interval", "0.2"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -293,6 +270,7 @@ def test_bad_example_is_reported_at_file_and_line(tmp_path, line, message):
     assert len(load_examples(path, limit=1)) == 1  # the first line alone is fine
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     bad_ckpt = tmp_path / "ckpt_000001.pt"
     bad_ckpt.write_bytes(b"not a checkpoint")
@@ -301,8 +279,8 @@ def test_cli_errors_are_one_line(tmp_path):
     bad_data.write_text('{"ind": 0, "ctx": "x", "endings": [], "label": 0}\n')
     good_ckpt = save_tiny_checkpoint(tmp_path / "run", 1, seed=0)
     cases = [
-        ((bad_ckpt, "--data", data), f"error: checkpoint {bad_ckpt} cannot be loaded"),
-        ((good_ckpt, "--data", bad_data), f"error: {bad_data}:1: expected exactly 4 endings, got 0"),
+        ((bad_ckpt, "--hellaswag-data", data), f"error: checkpoint {bad_ckpt} cannot be loaded"),
+        ((good_ckpt, "--hellaswag-data", bad_data), f"error: {bad_data}:1: expected exactly 4 endings, got 0"),
     ]
     for args, message in cases:
         proc = python("eval_hellaswag.py", *args)
@@ -318,5 +296,5 @@ def test_download_is_checked_and_offline_says_to_pass_data(tmp_path):
     with pytest.raises(UserError, match=f"has sha256 .*, expected {VAL_SHA256}; not using it"):
         ensure_val(tmp_path / "cache", url=impostor.as_uri())
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-downloaded left behind
-    with pytest.raises(UserError, match="cannot download HellaSwag .* pass --data FILE.jsonl"):
+    with pytest.raises(UserError, match="cannot download HellaSwag .* pass --hellaswag-data FILE.jsonl"):
         ensure_val(tmp_path / "cache", url="http://127.0.0.1:9/hellaswag_val.jsonl", timeout=5)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import run_python, tiny_model
+from support import run_python, tiny_model
 
 from gpt2.checkpoint import model_payload, save_checkpoint
 from gpt2.errors import UserError
-from gpt2.model import GPT
+from gpt2.hf import load_hf_model
 from gpt2.tokenizer import get_encoding
 
 transformers = pytest.importorskip("transformers")
@@ -37,13 +37,14 @@ def hf_logits(model, idx: torch.Tensor) -> torch.Tensor:
 def test_from_pretrained_matches_transformers(tmp_path, config, safe_serialization):
     reference = hf_model(0, **config)
     reference.save_pretrained(tmp_path, safe_serialization=safe_serialization)
-    model = GPT.from_pretrained(tmp_path).eval()
+    model = load_hf_model(tmp_path).eval()
     idx = torch.randint(0, config["vocab_size"], (2, config["n_positions"]))
     with torch.no_grad():
         ours, _ = model(idx)
     assert (ours - hf_logits(reference, idx)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_same_logits(tmp_path):
     model = tiny_model(seed=1, vocab_multiple=64).eval()  # padded vocab must be cut on export
     with torch.no_grad():
@@ -62,7 +63,7 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer(text)["input_ids"] == get_encoding().encode(text, allowed_special="all")
     # and the round trip back into our model is exact
-    again = GPT.from_pretrained(tmp_path / "hf")
+    again = load_hf_model(tmp_path / "hf")
     torch.testing.assert_close(
         again.state_dict()["transformer.h.1.mlp.c_fc.weight"], model.transformer.h[1].mlp.c_fc.weight
     )
@@ -70,9 +71,10 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path):
 
 def test_unknown_hub_id_is_a_user_error():
     with pytest.raises(UserError, match="neither a Hugging Face model directory nor a GPT-2 hub id"):
-        GPT.from_pretrained("gpt7-huge")
+        load_hf_model("gpt7-huge")
 
 
+@pytest.mark.slow
 def test_offline_hub_download_fails_with_one_line(tmp_path):
     result = run_python("-m", "gpt2.sample", "gpt2-medium", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert result.returncode == 2

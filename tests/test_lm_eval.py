@@ -19,9 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 
-import torch  # noqa: E402
-from conftest import ROOT, run_python, tiny_model  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
+from support import ROOT, run_python, tiny_model  # noqa: E402
 
 from gpt2.checkpoint import checkpoint_path, model_payload, save_checkpoint  # noqa: E402
 from gpt2.errors import UserError  # noqa: E402
@@ -53,16 +52,7 @@ def save_tiny(run_dir: Path, step: int, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared box, OpenMP threads waiting on each other dominate tiny ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_thread) -> tuple[Path, Path]:
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny checkpoint and its Hugging Face export (``python -m gpt2.export``)."""
     root = tmp_path_factory.mktemp("tiny")
     ckpt = save_tiny(root / "run", 10)
@@ -93,6 +83,7 @@ def ours_and_hf(tiny, suite) -> tuple[dict, dict]:
     )
 
 
+@pytest.mark.slow
 def test_every_task_matches_the_hf_backend(ours_and_hf):
     ours, hf = ours_and_hf
     for task in SUITE:
@@ -160,6 +151,7 @@ def test_registered_with_the_harness(tiny, suite):
     assert out["n-samples"]["copa"]["effective"] == 5
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tiny, suite, tmp_path):
     out = tmp_path / "results.json"
     proc = run_python("-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "gpt2.evaluate", tiny[0],
@@ -177,7 +169,7 @@ def test_two_ranks_equal_one_process(tiny, suite, tmp_path):
     assert -1 < single.centered_mean < 1 and all(scores["n"] == 20 for scores in single.tasks.values())
 
 
-def test_run_dir_scores_only_what_is_new_and_plots_a_panel_per_task(tmp_path, one_thread):
+def test_run_dir_scores_only_what_is_new_and_plots_a_panel_per_task(tmp_path):
     run_dir = tmp_path / "run"
     save_tiny(run_dir, 10)
     cfg = EvaluateConfig(target=str(run_dir), tasks="copa", limit=4, dtype="fp32", data_dir=FIXTURES)

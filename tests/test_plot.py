@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import run_python
+from support import run_python
 
 from gpt2.errors import UserError
 from gpt2.plot import GPT2_124M_HELLASWAG, GPT2_124M_VAL_LOSS, GPT3_125M_HELLASWAG, draw_run, main, read_run
@@ -82,6 +82,7 @@ def test_bad_runs_are_one_line_errors(tmp_path):
         read_run(tmp_path)
 
 
+@pytest.mark.slow
 def test_without_matplotlib_one_clear_line(tmp_path):
     run_dir = make_run(tmp_path / "run")
     code = "import sys; sys.modules['matplotlib'] = None; from gpt2.errors import run_cli; from gpt2.plot import main; "

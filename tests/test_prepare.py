@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support import ROOT, run_python
 
 from gpt2.errors import UserError
-from gpt2.prepare import PrepareConfig, prepare
+from gpt2.prepare import PrepareConfig, prepare, tokenize_unit
 from gpt2.tokenizer import EOT_ID, get_encoding
-from tests.conftest import ROOT, run_python
 
 BIG = " ".join(f"word{i} ünïcödé {i * 7919 % 1000}" for i in range(120))  # ~900 tokens: spans several shards
 DOCS = [
@@ -88,14 +88,14 @@ def write_input(tmp_path: Path, kind: str, docs: list[str]) -> list[str]:
 
 
 def run(tmp_path: Path, inputs: list[str], name: str = "out", **kw) -> tuple[dict, Path]:
-    cfg = PrepareConfig(out=tmp_path / name, inputs=inputs, **{"shard_tokens": 300, "workers": 1, **kw})
+    cfg = PrepareConfig(out=tmp_path / name, input=inputs, **{"shard_tokens": 300, "workers": 1, **kw})
     return prepare(cfg), cfg.out
 
 
 @pytest.mark.parametrize("kind, workers", [("jsonl", 1), ("jsonl.gz", 2), ("parquet", 2), ("txt", 1)])
 def test_shards_equal_independent_tokenization(tmp_path, kind, workers):
     inputs = write_input(tmp_path, kind, DOCS)
-    manifest, out = run(tmp_path, inputs, val_tokens=100, batch_chars=200, workers=workers)
+    manifest, out = run(tmp_path, inputs, val_shard_tokens=100, batch_chars=200, workers=workers)
     _, tokens = read_output(out, 300, 100)
     expected = reference(DOCS)
     np.testing.assert_array_equal(tokens, expected)
@@ -111,35 +111,36 @@ def test_literal_eot_and_lone_surrogate(tmp_path):
     docs = ["a <|endoftext|> b", "broken \ud800 surrogate"]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))  # json escapes the surrogate
-    _, out = run(tmp_path, [str(path)], shard_tokens=4, val_tokens=4)
+    _, out = run(tmp_path, [str(path)], shard_tokens=4, val_shard_tokens=4)
     _, tokens = read_output(out, 4, 4)
     np.testing.assert_array_equal(tokens, reference(docs))
     assert (tokens == EOT_ID).sum() == 2
 
 
+@pytest.mark.slow
 def test_real_corpus_workers_and_batches_do_not_change_bytes(tmp_path, shared_data):
     """Real text through the CLI with 2 worker processes = the library with 1 worker and other batches."""
     corpus = shared_data / "corpus"
     inputs = [str(corpus / "fineweb_edu_sample10BT_150docs.jsonl"), str(corpus / "dolma_ccnet_cc_en_head-0091.jsonl")]
     docs = [json.loads(line)["text"] for name in inputs for line in open(name, encoding="utf-8")]
-    args = ["--input", *inputs, "--out", tmp_path / "cli", "--shard-tokens", 7000, "--val-tokens", 5000]
+    args = ["--input", *inputs, "--out", tmp_path / "cli", "--shard-tokens", 7000, "--val-shard-tokens", 5000]
     r = run_python(ROOT / "prepare_fineweb.py", *args, "--workers", 2, "--batch-chars", 30000)
     assert r.returncode == 0, r.stderr
     assert "160 documents" in r.stdout
     manifest, tokens = read_output(tmp_path / "cli", 7000, 5000)
     np.testing.assert_array_equal(tokens, reference(docs))
-    _, out = run(tmp_path, inputs, name="lib", shard_tokens=7000, val_tokens=5000, batch_chars=1 << 30)
+    _, out = run(tmp_path, inputs, name="lib", shard_tokens=7000, val_shard_tokens=5000, batch_chars=1 << 30)
     for f in sorted((tmp_path / "cli").iterdir()):
         assert f.read_bytes() == (out / f.name).read_bytes(), f.name
 
 
 def test_max_docs_and_max_tokens(tmp_path):
     inputs = write_input(tmp_path, "jsonl", DOCS)
-    manifest, out = run(tmp_path, inputs, name="docs", max_docs=3, val_tokens=10, shard_tokens=20, batch_chars=10)
+    manifest, out = run(tmp_path, inputs, name="docs", max_docs=3, val_shard_tokens=10, shard_tokens=20, batch_chars=10)
     _, tokens = read_output(out, 20, 10)
     np.testing.assert_array_equal(tokens, reference(DOCS[:5]))  # 3 documents, 2 empty ones between them
     assert (manifest["docs_read"], manifest["docs_skipped_empty"]) == (5, 2)
-    manifest, out = run(tmp_path, inputs, name="tokens", max_tokens=555, val_tokens=100, batch_chars=50)
+    manifest, out = run(tmp_path, inputs, name="tokens", max_tokens=555, val_shard_tokens=100, batch_chars=50)
     _, tokens = read_output(out, 300, 100)
     np.testing.assert_array_equal(tokens, reference(DOCS)[:555])  # cut inside the big document
     assert manifest["tokens"] == 555 and manifest["docs_read"] == 6
@@ -151,8 +152,8 @@ def test_skip_bad_skips_and_counts(tmp_path):
              b'{"text": "bad \xff byte"}', b"[1, 2]", b'{"text": ""}', b'{"text": "good two"}']  # fmt: skip
     path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(UserError, match=r"mixed\.jsonl:2: malformed JSON"):
-        run(tmp_path, [str(path)], shard_tokens=2, val_tokens=2)
-    manifest, out = run(tmp_path, [str(path)], name="skip", shard_tokens=2, val_tokens=2, skip_bad=True)
+        run(tmp_path, [str(path)], shard_tokens=2, val_shard_tokens=2)
+    manifest, out = run(tmp_path, [str(path)], name="skip", shard_tokens=2, val_shard_tokens=2, skip_bad=True)
     _, tokens = read_output(out, 2, 2)
     np.testing.assert_array_equal(tokens, reference(["good one", "good two"]))
     assert (manifest["docs_read"], manifest["docs_skipped_bad"], manifest["docs_skipped_empty"]) == (8, 5, 1)
@@ -190,10 +191,11 @@ def test_bad_parquet_txt_and_paths(tmp_path):
     with pytest.raises(UserError, match=r"no input file matches .*\*\.jsonl"):
         run(tmp_path, [str(tmp_path / "none" / "*.jsonl")])
     (tmp_path / "tiny.txt").write_text("only a few tokens")
-    with pytest.raises(UserError, match=r"only 5 tokens.*lower --val-tokens"):
-        run(tmp_path, [str(tmp_path / "tiny.txt")], name="tiny", val_tokens=10)
+    with pytest.raises(UserError, match=r"only 5 tokens.*lower --val-shard-tokens"):
+        run(tmp_path, [str(tmp_path / "tiny.txt")], name="tiny", val_shard_tokens=10)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_with_exit_2(tmp_path):
     r = run_python(ROOT / "prepare_fineweb.py", "--input", tmp_path / "missing.jsonl", "--out", tmp_path / "o")
     assert r.returncode == 2 and r.stderr.strip() == f"error: no such input file: {tmp_path / 'missing.jsonl'}"
@@ -223,12 +225,12 @@ def test_refuses_a_directory_prepared_differently(tmp_path):
     other.write_text('{"text": "something else entirely"}\n')
     with pytest.raises(UserError, match=r"prepared with another source"):
         run(tmp_path, [str(other)])
-    manifest, out = run(tmp_path, inputs, shard_tokens=200, val_tokens=50, overwrite=True)
+    manifest, out = run(tmp_path, inputs, shard_tokens=200, val_shard_tokens=50, overwrite=True)
     _, tokens = read_output(out, 200, 50)
     np.testing.assert_array_equal(tokens, reference(DOCS))
     (out / "manifest.json").unlink()
     with pytest.raises(UserError, match=r"holds shards but no manifest\.json"):
-        run(tmp_path, inputs, shard_tokens=200, val_tokens=50)
+        run(tmp_path, inputs, shard_tokens=200, val_shard_tokens=50)
     # a run that failed before its first shard is simply replaced: there is nothing to lose
     with pytest.raises(UserError, match="no field 'body'"):
         run(tmp_path, [str(other)], name="fresh", text_field="body")
@@ -238,7 +240,7 @@ def test_refuses_a_directory_prepared_differently(tmp_path):
 
 def test_damaged_or_missing_shards_are_remade_identically(tmp_path):
     inputs = write_input(tmp_path, "parquet", DOCS * 3)
-    _, out = run(tmp_path, inputs, shard_tokens=150, val_tokens=100, batch_chars=300)
+    _, out = run(tmp_path, inputs, shard_tokens=150, val_shard_tokens=100, batch_chars=300)
     original = {f.name: f.read_bytes() for f in out.iterdir()}
     manifest = json.loads(original["manifest.json"])
     mid_doc = [i for i, s in enumerate(manifest["shards"]) if i > 0 and s["start"]["offset"] > 0]
@@ -246,7 +248,7 @@ def test_damaged_or_missing_shards_are_remade_identically(tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:-1] + b"\x00")
     deleted.unlink()
     (out / "train_000001.npy.tmp").write_bytes(b"left by a killed run")
-    run(tmp_path, inputs, shard_tokens=150, val_tokens=100, batch_chars=10**6)
+    run(tmp_path, inputs, shard_tokens=150, val_shard_tokens=100, batch_chars=10**6)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == original
 
 
@@ -259,9 +261,9 @@ def test_interrupted_before_complete_at_max_tokens(tmp_path, monkeypatch, inside
     inputs = write_input(tmp_path, "jsonl", DOCS)
     first = len(reference(DOCS[:1]))
     kw = (
-        dict(shard_tokens=150, val_tokens=100, max_tokens=400)
+        dict(shard_tokens=150, val_shard_tokens=100, max_tokens=400)
         if inside_document
-        else dict(shard_tokens=3, val_tokens=first - 3, max_tokens=first)
+        else dict(shard_tokens=3, val_shard_tokens=first - 3, max_tokens=first)
     )
     _, whole = run(tmp_path, inputs, name="whole", **kw)
     finish = gpt2.prepare._ShardWriter.finish
@@ -293,6 +295,7 @@ def wait_for_shards(proc: subprocess.Popen, manifest: Path, count: int) -> None:
     raise AssertionError(f"prepare_fineweb.py ended before writing {count} shards: {proc.stderr.read()}")
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_is_byte_identical(tmp_path):
     """Kill the CLI (kill -9, 2 worker processes) twice mid-way; re-running finishes with the bytes of an
     uninterrupted run (with 1 worker)."""
@@ -302,7 +305,7 @@ def test_kill_9_and_resume_is_byte_identical(tmp_path):
     with open(path, "w") as f:
         for _ in range(1200):
             f.write(json.dumps({"text": " ".join(rng.choice(words, rng.integers(1, 400)))}) + "\n")
-    args = ["--input", path, "--shard-tokens", 1500, "--val-tokens", 1000, "--batch-chars", 4000]
+    args = ["--input", path, "--shard-tokens", 1500, "--val-shard-tokens", 1000, "--batch-chars", 4000]
     r = run_python(ROOT / "prepare_fineweb.py", *args, "--workers", 1, "--out", tmp_path / "whole")
     assert r.returncode == 0, r.stderr
     command = [sys.executable, ROOT / "prepare_fineweb.py", *args, "--workers", 2, "--out", tmp_path / "killed"]
@@ -321,13 +324,15 @@ def test_kill_9_and_resume_is_byte_identical(tmp_path):
     assert len(whole) > 100
 
 
-def test_hub_source_streams_and_resumes(tmp_path, monkeypatch):
-    """The hub code path (streaming IterableDataset, select_columns, skip on resume), fed from local parquet."""
+@pytest.fixture
+def local_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """The hub code path (streaming IterableDataset, select_columns, skip on resume) fed from
+    ``tmp_path/*.parquet``: ``datasets.load_dataset`` streams them with its parquet loader, as it streams the
+    hub's parquet files. Returns the arguments of each ``load_dataset`` call."""
     import datasets
 
     import gpt2.prepare
 
-    write_input(tmp_path, "parquet", DOCS * 2)
     real_load = datasets.load_dataset
     calls = []
 
@@ -338,13 +343,54 @@ def test_hub_source_streams_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", local_stream)
     monkeypatch.setattr(gpt2.prepare, "_check_hub_reachable", lambda hint: None)
-    manifest, out = run(tmp_path, [], shard_tokens=200, val_tokens=100, batch_chars=300)
-    assert calls[0] == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
+    return calls
+
+
+def test_hub_source_streams_and_resumes(tmp_path, local_hub):
+    write_input(tmp_path, "parquet", DOCS * 2)
+    manifest, out = run(tmp_path, [], shard_tokens=200, val_shard_tokens=100, batch_chars=300)
+    assert local_hub[0] == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
     assert manifest["source"] == {"kind": "hub", "dataset": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT",
                                   "split": "train", "text_field": "text"}  # fmt: skip
     _, tokens = read_output(out, 200, 100)
     np.testing.assert_array_equal(tokens, reference(DOCS * 2))
     original = {f.name: f.read_bytes() for f in out.iterdir()}
     (out / manifest["shards"][-3]["file"]).unlink()
-    run(tmp_path, [], shard_tokens=200, val_tokens=100)
+    run(tmp_path, [], shard_tokens=200, val_shard_tokens=100)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == original
+
+
+PID_LOG = "GPT2_TEST_PID_LOG"  # the file where tokenize_unit_noting_pid notes its process
+
+
+def tokenize_unit_noting_pid(unit):
+    """``tokenize_unit`` that also appends the id of the process running it to the file named by $GPT2_TEST_PID_LOG
+    (slowed a little, so that every worker of the pool gets units)."""
+    with open(os.environ[PID_LOG], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(0.01)
+    return tokenize_unit(unit)
+
+
+@pytest.mark.parametrize("source", ["hub", "files"])
+def test_workers_tokenize_in_that_many_processes_on_the_hub_path_as_on_files(tmp_path, monkeypatch, local_hub, source):
+    """--workers 2: two worker processes (not this one) tokenize, --workers 1: this process alone, whether the input
+    is streamed through ``datasets`` (the hub's path) or read from local files; both write the same bytes."""
+    import gpt2.prepare
+
+    # 2700 rows: ~10 units on the hub path, which reads 256 rows at a time
+    pq.write_table(pa.table({"text": DOCS * 300}), tmp_path / "docs.parquet")
+    monkeypatch.setattr(gpt2.prepare, "tokenize_unit", tokenize_unit_noting_pid)
+    outputs = []
+    for workers in (1, 2):
+        monkeypatch.setenv(PID_LOG, str(tmp_path / f"pids_{workers}"))
+        inputs = [str(tmp_path / "docs.parquet")] if source == "files" else []
+        manifest, out = run(tmp_path, inputs, name=f"out_{workers}", workers=workers, shard_tokens=50_000,
+                            val_shard_tokens=20_000, batch_chars=50_000)  # fmt: skip
+        assert manifest["source"]["kind"] == source
+        pids = list(map(int, (tmp_path / f"pids_{workers}").read_text().split()))
+        assert len(pids) >= 10, "too few units to tell the workers apart"
+        expected = {os.getpid()} if workers == 1 else set(pids) - {os.getpid()}
+        assert set(pids) == expected and len(expected) == workers
+        outputs.append({f.name: f.read_bytes() for f in out.iterdir() if f.name != "manifest.json"})
+    assert outputs[0] == outputs[1] and len(outputs[0]) > 3

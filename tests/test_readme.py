@@ -3,9 +3,11 @@
 import re
 
 import pytest
-from conftest import ROOT, run_python
+from support import ROOT, run_python
 
 PROGRAMS = ["prepare_fineweb.py", "train.py", "eval_hellaswag.py"]
+pytestmark = pytest.mark.slow  # runs each program's --help
+
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
 
 
@@ -47,5 +49,18 @@ def test_readme_commands_use_real_flags(help_flags):
 
 def test_make_targets_in_readme_exist():
     makefile = (ROOT / "Makefile").read_text()
-    for target in set(re.findall(r"make (\w+)", (ROOT / "README.md").read_text())):
+    for target in set(re.findall(r"make ([\w-]+)", (ROOT / "README.md").read_text())):
         assert re.search(rf"^{target}:", makefile, flags=re.M), f"README mentions `make {target}`, Makefile lacks it"
+
+
+def test_troubleshooting_quotes_errors_the_code_prints():
+    """Each error quoted in the README's troubleshooting list (``…`` standing for the variable parts) is spelled
+    as the code spells it."""
+    section = (ROOT / "README.md").read_text().split("## Troubleshooting", 1)[1]
+    source = "".join(path.read_text() for path in (ROOT / "gpt2").glob("*.py"))
+    source = re.sub(r'"\s*\n\s*f?"', "", source)  # join implicitly concatenated string literals
+    quotes = re.findall(r"\*\*`([^`]+)`\*\*", section)
+    assert len(quotes) >= 6
+    for quote in quotes:
+        for fragment in quote.removeprefix("error: ").split("…"):
+            assert fragment.strip() in source, f"README quotes {quote!r}; the code has no {fragment.strip()!r}"

@@ -17,95 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_python
+from support import ONE_THREAD, ROOT, Capture, cli_flags, losses, read_log, run_python, tiny, write_shards
 
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model
-from gpt2.config import TrainConfig, build_parser, config_from_args
+from gpt2.cli import parse
+from gpt2.config import TrainConfig
 from gpt2.data import ValLoader
 from gpt2.errors import UserError
 from gpt2.metrics import datasheet_peak, device_peak, mfu
 from gpt2.runlog import ConsoleReporter, format_duration
-from gpt2.schedule import lr_at
+from gpt2.schedule import lr_multiplier
 from gpt2.tokenizer import EOT_ID, get_encoding
 from gpt2.trainer import NonFiniteLoss, StopRequest, train
-
-# A model whose steps take milliseconds on a CPU: 2 layers, 32 wide, a 256-token vocabulary (synthetic data).
-TINY = dict(
-    n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=256, seq_len=32, micro_batch=2, batch_tokens=128,
-    warmup_steps=2, max_steps=20, eval_every=0, val_tokens=1024, sample_every=0, save_every=0,
-    device="cpu", dtype="fp32", compile=False, peak_tflops="none",
-)  # fmt: skip
-
-
-def write_shards(directory: Path, val: np.ndarray, train_parts: list[np.ndarray]) -> Path:
-    """A data directory in the loader's format (val_000000.npy, train_000001.npy, ...)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    np.save(directory / "val_000000.npy", val.astype(np.uint16))
-    for i, part in enumerate(train_parts, start=1):
-        np.save(directory / f"train_{i:06d}.npy", part.astype(np.uint16))
-    return directory
-
-
-# On a shared CPU, OpenMP threads spinning against other processes make tiny steps up to 100x slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random tokens below 256 with a learnable pattern (every other token repeats the one before it)."""
-    rng = np.random.default_rng(0)
-    tokens = np.repeat(rng.integers(0, 256, 40_000), 2)
-    return write_shards(tmp_path_factory.mktemp("synthetic"), tokens[:8_000], [tokens[8_000:40_000], tokens[40_000:]])
-
-
-def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
-    return TrainConfig(data=str(data), out=str(out), **{**TINY, **overrides})
-
-
-def cli_flags(data: Path, out: Path, **overrides) -> list[str]:
-    """The train.py command line of ``tiny(data, out, **overrides)``."""
-    args = []
-    for name, value in {**TINY, **overrides, "data": data, "out": out}.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + flag[2:])
-        else:
-            args += [flag, str(value)]
-    return args
-
-
-class Capture:
-    """A reporter that keeps what the trainer reports, and can ask it to stop after a given step."""
-
-    def __init__(self, stop: StopRequest | None = None, stop_after: int | None = None) -> None:
-        self.records, self.messages = [], []
-        self.stop, self.stop_after = stop, stop_after
-
-    def record(self, rec: dict) -> None:
-        self.records.append(rec)
-        if self.stop is not None and rec["kind"] == "train" and rec["step"] + 1 == self.stop_after:
-            self.stop.request("test")
-
-    def message(self, text: str) -> None:
-        self.messages.append(text)
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
-def losses(records: list[dict], kind: str = "train") -> dict[int, float]:
-    steps = [r["step"] for r in records if r["kind"] == kind]
-    assert len(steps) == len(set(steps)), f"duplicate {kind} records: {steps}"
-    return {r["step"]: r["loss"] for r in records if r["kind"] == kind}
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +41,10 @@ def straight(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pure pieces
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    return lr * lr_multiplier(step, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr / lr)
 
 
 def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_min_lr():
@@ -133,7 +60,7 @@ def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_min_lr():
 
 
 def test_defaults_are_the_gpt2_124m_recipe_and_flags_mirror_the_config():
-    cfg = config_from_args(build_parser().parse_args([]))
+    cfg = parse(TrainConfig, [], prog="train.py")
     assert cfg == TrainConfig()
     expected = dict(
         model="gpt2", seq_len=1024, micro_batch=64, batch_tokens=524288, max_steps=19073, warmup_steps=715,
@@ -151,8 +78,7 @@ def test_defaults_are_the_gpt2_124m_recipe_and_flags_mirror_the_config():
         50304,
     )
     assert cfg.use_compile("cuda") and not cfg.use_compile("cpu")
-    args = build_parser().parse_args(["--seq-len", "256", "--micro-batch", "4", "--no-compile", "--n-layer", "3"])
-    cfg = config_from_args(args)
+    cfg = parse(TrainConfig, ["--seq-len", "256", "--micro-batch", "4", "--no-compile", "--n-layer", "3"], prog="t")
     assert (cfg.seq_len, cfg.micro_batch, cfg.compile, cfg.n_layer, cfg.model_config().n_layer) == (256, 4, False, 3, 3)
 
 
@@ -170,6 +96,7 @@ def test_mfu_is_flops_per_token_times_throughput_over_peak():
 # The acceptance criteria
 
 
+@pytest.mark.slow
 def test_ddp_on_two_ranks_equals_gradient_accumulation_in_one_process(synthetic: Path, tmp_path: Path):
     """torchrun with 1 micro-step per rank vs 1 process with 2 micro-steps: the same global batches and losses;
     and the two-rank run's checkpoint continues in one process as if it had been one all along."""
@@ -214,9 +141,9 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(synthetic: Path, tm
     assert [s for s, _ in find_checkpoints(tmp_path)] == [10]
     ckpt = load_checkpoint(result.checkpoint)  # weights_only=True
     assert ckpt["step"] == 10 and ckpt["loader"]["step"] == 10
-    assert ckpt["val_loss"] == losses(straight, "val")[10]
+    assert ckpt["progress"] == {"step": 10, "val_loss": losses(straight, "val")[10]}
     assert ckpt["train_config"]["max_steps"] == 20 and ckpt["config"]["vocab_size"] == 256
-    assert {"optimizer", "rng"} <= ckpt.keys()
+    assert {"model", "optimizer", "loader", "rng", "progress", "train_config"} <= ckpt.keys()
 
     second = Capture()
     result = train(tiny(synthetic, tmp_path, eval_every=5), second)
@@ -255,6 +182,7 @@ def signal_after_step_2(command: list[str], env: dict, send: Callable[[subproces
             proc.wait()
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(synthetic: Path, tmp_path: Path):
     """Steps made slower (4 micro-steps) so the signal lands mid-run; the result equals an uninterrupted run."""
     run = dict(max_steps=100, batch_tokens=256, save_every=1000)
@@ -287,6 +215,7 @@ def worker_pid(parent: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under pid {parent}")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(synthetic: Path, tmp_path: Path):
     run = dict(max_steps=100, batch_tokens=256, save_every=1000)
@@ -340,6 +269,7 @@ def test_loss_on_real_text_falls_well_below_its_start(real_text: Path, tmp_path:
     assert np.mean(train_losses[-20:]) < np.mean(train_losses[:5]) - 1.5
 
 
+@pytest.mark.slow
 def test_compiled_run_trains_evaluates_and_samples(synthetic: Path, tmp_path: Path):
     """torch.compile on: training, validation through the compiled model, sampling through the plain one."""
     cap = Capture()
@@ -494,6 +424,15 @@ def test_non_finite_training_stops_naming_the_step_and_keeps_the_last_checkpoint
     assert (tmp_path / "ckpt_000004.pt").read_bytes() == before
 
 
+@pytest.mark.slow
+def test_a_diverged_run_exits_3_a_usage_error_2(synthetic: Path, tmp_path: Path):
+    diverged = run_python("train.py", *cli_flags(synthetic, tmp_path, max_steps=4, lr=1e30, min_lr=1e30),
+                          env=ONE_THREAD)  # fmt: skip
+    assert diverged.returncode == 3 and diverged.stderr.startswith("error: non-finite"), diverged.stderr
+    usage = run_python("train.py", *cli_flags(synthetic, tmp_path / "u", max_steps=4, lr=-1.0))
+    assert usage.returncode == 2, usage.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # One-line errors
 
@@ -506,12 +445,14 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert fragment in lines[0]
 
 
+@pytest.mark.slow
 def test_missing_data_directory_is_one_line_pointing_at_prepare_fineweb(tmp_path: Path):
     proc = run_python("train.py", *cli_flags(tmp_path / "nowhere", tmp_path / "out"), env=ONE_THREAD)
     assert_one_line_error(proc, "nowhere", "does not exist", "prepare_fineweb.py")
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_init_from_gpt2_offline_is_one_line(synthetic: Path, tmp_path: Path):
     arch = ["--n-layer", "--n-head", "--n-embd", "--block-size", "--vocab-size"]  # --init-from brings its own
     flags = strip_flags(cli_flags(synthetic, tmp_path / "out", max_steps=1, warmup_steps=1), arch)
@@ -574,6 +515,7 @@ def test_resume_never_refuses_a_non_empty_out(synthetic: Path, tmp_path: Path):
     assert len(read_log(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_kill_9_while_checkpoints_are_written_loses_nothing(synthetic: Path, tmp_path: Path):
     """A checkpoint every step, so SIGKILL lands during or between checkpoint writes; whatever it hits, every
     checkpoint on disk loads, and relaunching the same command ends with the uninterrupted run's losses."""

@@ -1,0 +1,94 @@
+"""The language-model loss without materialising the logits: the output projection, the optional logit soft-cap
+and the cross-entropy fused, row chunk by row chunk.
+
+Computed the plain way, ``F.cross_entropy(lm_head(h)[..., :V].float(), y)`` holds a (tokens x vocabulary) bf16
+logit tensor, an fp32 copy of it and a gradient of the same size (13 GB at GPT-2 124M with 64 x 1024 tokens per
+micro-step), and the slice past the padded rows is a strided view that log-softmax handles slowly. Here each
+chunk of rows computes its logits against the first ``V`` rows of the head only, the softmax in fp32, the loss,
+and at once (when a gradient is wanted) the chunk's gradients with respect to the hidden states and the head
+weight, which is all backward needs: the largest temporary is one chunk's (rows x vocabulary) fp32 block.
+
+The matmuls run in the dtype autocast would use (bf16 under bf16 autocast), the softmax in fp32: each logit is
+rounded once, as in the plain computation. Sums over chunks change the order of fp32 additions, so results
+agree with the plain computation to rounding, not bit for bit (``GPT.forward`` keeps the plain computation for
+fp32 runs without a soft-cap, which the previous release's checkpoints and losses are tested against).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -1  # the targets of padding rows
+
+
+def fused_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    softcap: float = 0.0,
+    chunk_rows: int = 1024,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``softcap * tanh((h @ weight[:vocab_size].T) / softcap)`` (no cap when 0) against
+    ``targets`` (``IGNORE_INDEX`` skipped), for hidden states ``h`` (..., C) and a head ``weight`` (rows >= V, C)."""
+    dtype = torch.get_autocast_dtype("cpu" if h.device.type == "cpu" else h.device.type)
+    compute_dtype = dtype if torch.is_autocast_enabled(h.device.type) else h.dtype
+    with torch.autocast(h.device.type, enabled=False):
+        return _FusedCrossEntropy.apply(
+            h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), vocab_size, softcap, chunk_rows, compute_dtype
+        )
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and, when a gradient is wanted, the gradients of ``h`` and ``weight`` too;
+    backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        vocab_size: int,
+        softcap: float,
+        chunk_rows: int,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        w = weight[:vocab_size].to(compute_dtype)  # the padded rows never enter the softmax
+        hc = h.to(compute_dtype)
+        valid = targets != IGNORE_INDEX
+        count = valid.sum().clamp(min=1)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
+        for start in range(0, h.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h_chunk, y, keep = hc[rows], targets[rows].clamp(min=0), valid[rows]
+            z = (h_chunk @ w.T).float()
+            if softcap:
+                t = torch.tanh(z / softcap)
+                z = softcap * t
+            lse = torch.logsumexp(z, dim=-1)
+            picked = z.gather(1, y.unsqueeze(1)).squeeze(1)
+            loss_sum += ((lse - picked) * keep).sum()
+            if need_grad:
+                # d loss / d z = (softmax(z) - onehot(y)) / count on the rows that count, 0 on the others
+                dz = torch.exp_(z.sub_(lse.unsqueeze(1)))
+                dz[torch.arange(len(y), device=y.device), y] -= 1.0
+                dz.mul_((keep / count).unsqueeze(1))
+                if softcap:
+                    dz.mul_(1.0 - t * t)  # through the cap: d(c tanh(x/c))/dx = 1 - tanh^2
+                dz = dz.to(compute_dtype)
+                grad_h[rows] = (dz @ w).to(h.dtype)
+                grad_w[:vocab_size] += (dz.T @ h_chunk).float()
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None, None

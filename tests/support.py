@@ -1,0 +1,124 @@
+"""Helpers the test modules share: the repository root, tiny models, running a program like a user would.
+
+A plain module (not a test module and not conftest): tests import what they need from here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from gpt2.config import TrainConfig
+from gpt2.hellaswag import Example
+from gpt2.model import GPT, GPTConfig
+from gpt2.tokenizer import get_encoding
+from gpt2.trainer import StopRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+GOLDEN = ROOT / "tests" / "fixtures" / "golden_v0_1"  # the v0.1 release's behaviour, frozen (see make.py there)
+SAMPLE_HELLASWAG = ROOT / "data" / "sample" / "hellaswag_val_200.jsonl"
+
+
+def tiny_config(**overrides: int) -> GPTConfig:
+    """A GPT small enough to train in seconds on a CPU, with GPT-2's real vocabulary."""
+    return GPTConfig(**{**dict(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32), **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**overrides))
+
+
+def run_python(*args: str | Path, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None):
+    """Run ``python ARGS`` (a script or ``-m module``) like a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def write_shards(directory: Path, val: np.ndarray, train_parts: list[np.ndarray]) -> Path:
+    """A data directory in the loader's format (val_000000.npy, train_000001.npy, ...)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / "val_000000.npy", val.astype(np.uint16))
+    for i, part in enumerate(train_parts, start=1):
+        np.save(directory / f"train_{i:06d}.npy", part.astype(np.uint16))
+    return directory
+
+
+@torch.no_grad()
+def reference_losses(model: torch.nn.Module, example: Example) -> tuple[list[float], list[float]]:
+    """HellaSwag the obvious way, through the model's ``forward``: each ending alone after the (left-truncated)
+    context, full logits, no padding, no packing."""
+    enc = get_encoding()
+    ctx = enc.encode_ordinary(example.ctx)
+    endings = [enc.encode_ordinary(" " + e) for e in example.endings]
+    ctx = ctx[max(0, len(ctx) + max(map(len, endings)) - model.config.block_size) :]
+    sums = []
+    for ending in endings:
+        logits, _ = model(torch.tensor([ctx + ending]))
+        logprobs = F.log_softmax(logits[0].double(), dim=-1)
+        sums.append(-sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(ending)))
+    return sums, [s / len(e) for s, e in zip(sums, endings)]
+
+
+# A model whose steps take milliseconds on a CPU: 2 layers, 32 wide, a 256-token vocabulary (synthetic data).
+TINY = dict(
+    n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=256, seq_len=32, micro_batch=2, batch_tokens=128,
+    warmup_steps=2, max_steps=20, eval_every=0, val_tokens=1024, sample_every=0, save_every=0,
+    device="cpu", dtype="fp32", compile=False, peak_tflops="none",
+)  # fmt: skip
+
+
+# On a shared CPU, OpenMP threads spinning against other processes make tiny steps up to 100x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
+    return TrainConfig(data=str(data), out=str(out), **{**TINY, **overrides})
+
+
+def cli_flags(data: Path, out: Path, **overrides) -> list[str]:
+    """The train.py command line of ``tiny(data, out, **overrides)``."""
+    args = []
+    for name, value in {**TINY, **overrides, "data": data, "out": out}.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+class Capture:
+    """A reporter that keeps what the trainer reports, and can ask it to stop after a given step."""
+
+    def __init__(self, stop: StopRequest | None = None, stop_after: int | None = None) -> None:
+        self.records, self.messages = [], []
+        self.stop, self.stop_after = stop, stop_after
+
+    def record(self, rec: dict) -> None:
+        self.records.append(rec)
+        if self.stop is not None and rec["kind"] == "train" and rec["step"] + 1 == self.stop_after:
+            self.stop.request("test")
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def losses(records: list[dict], kind: str = "train") -> dict[int, float]:
+    steps = [r["step"] for r in records if r["kind"] == kind]
+    assert len(steps) == len(set(steps)), f"duplicate {kind} records: {steps}"
+    return {r["step"]: r["loss"] for r in records if r["kind"] == kind}
