@@ -38,6 +38,7 @@ from gpt2.distributed import DEVICES, DTYPES, DistContext, barrier, destroy_dist
 from gpt2.errors import UserError, run_cli
 from gpt2.files import atomic_write_text, read_jsonl
 from gpt2.hellaswag import _jsonl, _load_for_run, _on_main, is_run_dir
+from gpt2.tracking import Trackers, open_run_trackers
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
@@ -52,6 +53,8 @@ SUITE = (
 GROUPS = {"small": SUITE}
 EVALS_FILE = "evals.jsonl"  # one {"step", "task", "acc", "acc_norm", "n"} record per checkpoint and task
 INSTALL_HINT = "pip install -e '.[eval]' (or pip install 'lm-eval>=0.4.13,<0.5')"
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -332,17 +335,23 @@ def score_run(
         return [(step, path, missing) for step, path, missing in todo if missing]
 
     results = []
-    for step, path, missing in _on_main(pending, ctx):
-        model = _load_for_run(path, ctx, skipped if cfg.watch else None)
-        if model is None:
-            continue
-        result = evaluate_tasks(_pipeline_lm(model, cfg), {t: tasks[t] for t in missing}, cfg.limit)
-        if ctx.is_main:
-            records = [{"step": step, "task": task, **scores} for task, scores in result.tasks.items()]
-            atomic_write_text(run_dir / EVALS_FILE, _jsonl([*read_evals(run_dir), *records]))
-            say(f"step {step}:\n{result.table()}")
-        barrier(ctx)
-        results.append(result)
+    todo = _on_main(pending, ctx)
+    # A run trained with --tensorboard/--wandb gets the scores too, as eval/downstream/<task>/<metric> (rank 0).
+    trackers = open_run_trackers(run_dir, warn=log.warning) if todo and ctx.is_main else Trackers()
+    with trackers:
+        for step, path, missing in todo:
+            model = _load_for_run(path, ctx, skipped if cfg.watch else None)
+            if model is None:
+                continue
+            result = evaluate_tasks(_pipeline_lm(model, cfg), {t: tasks[t] for t in missing}, cfg.limit)
+            if ctx.is_main:
+                records = [{"step": step, "task": task, **scores} for task, scores in result.tasks.items()]
+                atomic_write_text(run_dir / EVALS_FILE, _jsonl([*read_evals(run_dir), *records]))
+                for record in records:
+                    trackers.log_record({"kind": "downstream", **record})
+                say(f"step {step}:\n{result.table()}")
+            barrier(ctx)
+            results.append(result)
     return results
 
 

@@ -22,6 +22,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from support import ROOT, run_python, tiny_model  # noqa: E402
 
+from gpt2 import evaluate  # noqa: E402
 from gpt2.checkpoint import checkpoint_path, model_payload, save_checkpoint  # noqa: E402
 from gpt2.errors import UserError  # noqa: E402
 from gpt2.evaluate import (  # noqa: E402
@@ -39,6 +40,7 @@ from gpt2.evaluate import (  # noqa: E402
 from gpt2.export import main as export_main  # noqa: E402
 from gpt2.lm_eval import PipelineLM  # noqa: E402
 from gpt2.plot import GPT2_124M_HARNESS, draw_run, read_run  # noqa: E402
+from gpt2.tracking import Trackers  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "evals"
 N_EXAMPLES = 50
@@ -169,9 +171,27 @@ def test_two_ranks_equal_one_process(tiny, suite, tmp_path):
     assert -1 < single.centered_mean < 1 and all(scores["n"] == 20 for scores in single.tasks.values())
 
 
-def test_run_dir_scores_only_what_is_new_and_plots_a_panel_per_task(tmp_path):
+class Recorder:
+    """A tracking backend that keeps what it is sent (stands in for a tracked run's TensorBoard or W&B)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def log_config(self, config: dict) -> None:
+        pass
+
+    def log_record(self, rec: dict) -> None:
+        self.records.append(rec)
+
+    def close(self, exit_code: int = 0) -> None:
+        pass
+
+
+def test_run_dir_scores_only_what_is_new_and_plots_a_panel_per_task(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     save_tiny(run_dir, 10)
+    recorder = Recorder()
+    monkeypatch.setattr(evaluate, "open_run_trackers", lambda run, warn: Trackers({"recorder": recorder}))
     cfg = EvaluateConfig(target=str(run_dir), tasks="copa", limit=4, dtype="fp32", data_dir=FIXTURES)
     lines = []
     assert len(run(cfg, report=lines.append)) == 1
@@ -191,6 +211,7 @@ def test_run_dir_scores_only_what_is_new_and_plots_a_panel_per_task(tmp_path):
     assert set(records[0]) == {"step", "task", "acc", "acc_norm", "n"} and records[0]["n"] == 4
     assert records[0]["acc_norm"] is None and records[1]["acc_norm"] is not None  # copa reports acc only
     assert not list(run_dir.glob("*.tmp"))
+    assert recorder.records == [{"kind": "downstream", **r} for r in records]  # a tracked run gets them too
 
     fig = draw_run(read_run(run_dir))
     panels = {ax.get_title(): ax for ax in fig.axes[2:]}
