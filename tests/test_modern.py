@@ -169,7 +169,7 @@ MODERN = dict(recipe="modern", warmup_steps=1)
 
 @pytest.mark.slow
 def test_modern_ddp_on_two_ranks_equals_accumulation_in_one_process(synthetic: Path, tmp_path: Path):
-    run = dict(**MODERN, max_steps=6, eval_every=3, micro_batch=2, batch_tokens=128)
+    run = dict(**MODERN, max_steps=6, eval_every=3, micro_batch=2, batch_tokens=128, save_every=3)
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
          *cli_flags(synthetic, tmp_path / "ddp", **run)],
@@ -184,6 +184,12 @@ def test_modern_ddp_on_two_ranks_equals_accumulation_in_one_process(synthetic: P
         for step in a:
             assert a[step] == pytest.approx(b[step], rel=1e-5), (kind, step)
     assert losses(single.records)[5] < losses(single.records)[0]
+    # The two-rank checkpoint (Muon and AdamW state included) continues in one process as the same run.
+    branch = Capture()
+    train(tiny(synthetic, tmp_path / "resized", **run, resume=str(tmp_path / "ddp" / "ckpt_000003.pt")), branch)
+    resized, reference = losses(branch.records), losses(single.records)
+    assert sorted(resized) == [3, 4, 5]
+    assert all(resized[s] == pytest.approx(reference[s], rel=1e-5) for s in resized)
 
 
 def test_modern_resume_is_bit_identical(synthetic: Path, tmp_path: Path):
