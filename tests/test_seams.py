@@ -328,6 +328,7 @@ PROGRAMS = {
     "-m gpt2.plot": "gpt2.plot:PlotConfig",
     "-m gpt2.export": "gpt2.export:ExportConfig",
     "-m gpt2.convert": "gpt2.convert:ConvertConfig",
+    "-m gpt2.evaluate": "gpt2.evaluate:EvaluateConfig",
 }
 
 
