@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from gpt2.errors import UserError
 
+T = TypeVar("T")
 DEVICES = ("auto", "cuda", "cpu", "mps")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Rank 0 alone writes checkpoints (18 GB for GPT-2 XL with its optimizer), downloads HellaSwag and samples text
@@ -122,3 +125,29 @@ def peak_memory_gib(device: str) -> float | None:
     if torch.device(device).type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(torch.device(device)) / 2**30
+
+
+def gather_strided(local: list[T], ctx: DistContext) -> list[T]:
+    """Undo the strided split ``items[rank::world_size]``: every rank's share, interleaved back in order."""
+    if not ctx.is_distributed:
+        return local
+    shares: list[list[T]] = [[] for _ in range(ctx.world_size)]
+    dist.all_gather_object(shares, local)
+    return [shares[i % ctx.world_size][i // ctx.world_size] for i in range(sum(map(len, shares)))]
+
+
+def on_main(fn: Callable[[], T], ctx: DistContext) -> T:
+    """Run ``fn`` on rank 0 only and hand its result (or its ``UserError``) to every rank."""
+    if not ctx.is_distributed:
+        return fn()
+    box: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise UserError(value)
+    return value

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 from gpt2.checkpoint import find_checkpoints, load_model
 from gpt2.cli import option, parse
-from gpt2.distributed import DEVICES, DTYPES, DistContext, barrier, destroy_distributed, init_distributed
+from gpt2.distributed import DEVICES, DTYPES, DistContext, barrier, destroy_distributed, init_distributed, on_main
 from gpt2.errors import UserError, run_cli
-from gpt2.files import atomic_write_text, read_jsonl
-from gpt2.hellaswag import _jsonl, _load_for_run, _on_main, is_run_dir
+from gpt2.files import atomic_write_text, jsonl_text, read_jsonl
+from gpt2.rundir import load_on_every_rank, run_mode, watch_run
 from gpt2.tracking import Trackers, open_run_trackers
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ def evaluate_tasks(lm: PipelineLM, tasks: dict[str, Task], limit: int | None = N
             scores[name] = {**metrics, "n": out["n-samples"][name]["effective"]}
         return EvalResult(scores, chance, time.perf_counter() - t0)
 
-    return _on_main(summarise, lm.dist)
+    return on_main(summarise, lm.dist)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -273,29 +273,26 @@ def run(cfg: EvaluateConfig, report: Callable[[str], None] = print) -> list[Eval
     """Score ``cfg.target`` on ``cfg.tasks``; ``report`` receives the human-readable lines (rank 0 only)."""
     require_harness()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task config notices drown the results
-    run_mode = is_run_dir(cfg.target) or (cfg.watch and not Path(cfg.target).exists())
-    if run_mode and cfg.out:
+    by_run = run_mode(cfg.target, cfg.watch)
+    if by_run and cfg.out:
         raise UserError("--out summarises one model: pass a checkpoint file, not a run directory")
-    if cfg.watch and not run_mode:
+    if cfg.watch and not by_run:
         raise UserError(f"--watch polls a run directory for new checkpoints; {cfg.target} is not one")
     tasks = load_tasks(task_names(cfg.tasks), cfg.data_dir)
     ctx = init_distributed(cfg.device)
     say = report if ctx.is_main else (lambda line: None)
     try:
-        if not run_mode:
+        if not by_run:
             return [_score_target(cfg, tasks, ctx, say)]
-        if cfg.watch:
-            say(f"watching {cfg.target} for new checkpoints every {cfg.interval:g}s (Ctrl-C to stop)")
-        elif not find_checkpoints(cfg.target):
-            raise UserError(f"{cfg.target} holds no ckpt_*.pt checkpoints and is not a Hugging Face model directory")
         skipped: set[str] = set()
-        results = score_run(cfg, tasks, ctx, say, skipped)
-        if not results and not cfg.watch:
-            say(f"every checkpoint in {cfg.target} is already scored on these tasks in {EVALS_FILE}")
-        while cfg.watch:
-            time.sleep(cfg.interval)
-            results += score_run(cfg, tasks, ctx, say, skipped)
-        return results
+        return watch_run(
+            cfg.target,
+            lambda: score_run(cfg, tasks, ctx, say, skipped),
+            say,
+            f"every checkpoint in {cfg.target} is already scored on these tasks in {EVALS_FILE}",
+            cfg.watch,
+            cfg.interval,
+        )
     finally:
         destroy_distributed()
 
@@ -335,18 +332,18 @@ def score_run(
         return [(step, path, missing) for step, path, missing in todo if missing]
 
     results = []
-    todo = _on_main(pending, ctx)
+    todo = on_main(pending, ctx)
     # A run trained with --tensorboard/--wandb gets the scores too, as eval/downstream/<task>/<metric> (rank 0).
     trackers = open_run_trackers(run_dir, warn=log.warning) if todo and ctx.is_main else Trackers()
     with trackers:
         for step, path, missing in todo:
-            model = _load_for_run(path, ctx, skipped if cfg.watch else None)
+            model = load_on_every_rank(path, ctx, skipped if cfg.watch else None)
             if model is None:
                 continue
             result = evaluate_tasks(_pipeline_lm(model, cfg), {t: tasks[t] for t in missing}, cfg.limit)
             if ctx.is_main:
                 records = [{"step": step, "task": task, **scores} for task, scores in result.tasks.items()]
-                atomic_write_text(run_dir / EVALS_FILE, _jsonl([*read_evals(run_dir), *records]))
+                atomic_write_text(run_dir / EVALS_FILE, jsonl_text([*read_evals(run_dir), *records]))
                 for record in records:
                     trackers.log_record({"kind": "downstream", **record})
                 say(f"step {step}:\n{result.table()}")

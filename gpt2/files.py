@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -73,3 +73,8 @@ def read_jsonl(path: str | Path, *, allow_partial_tail: bool = False) -> Iterato
             if allow_partial_tail and lineno == len(lines):
                 return
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def jsonl_text(records: Iterable[dict]) -> str:
+    """Records as JSON lines, each ending in a newline."""
+    return "".join(json.dumps(r) + "\n" for r in records)

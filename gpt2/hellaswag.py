@@ -18,17 +18,16 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model, model_from_checkpoint, unwrap
+from gpt2.checkpoint import find_checkpoints, load_model, unwrap
 from gpt2.cli import option
 from gpt2.distributed import (
     DEVICES,
@@ -37,12 +36,13 @@ from gpt2.distributed import (
     all_reduce_sum,
     barrier,
     destroy_distributed,
+    gather_strided,
     init_distributed,
+    on_main,
 )
 from gpt2.errors import UserError
-from gpt2.files import atomic_write, atomic_write_text, file_sha256, read_jsonl
-from gpt2.hf import is_hub_id
-from gpt2.model import GPT
+from gpt2.files import atomic_write, atomic_write_text, file_sha256, jsonl_text, read_jsonl
+from gpt2.rundir import load_on_every_rank, run_mode, watch_run
 from gpt2.scoring import ContinuationScorer, PackedRow, RowScores, pack_row, score_rows
 from gpt2.tokenizer import get_encoding
 from gpt2.tracking import Trackers, open_run_trackers
@@ -137,7 +137,7 @@ def ensure_val(data_dir: str | Path = DEFAULT_DATA_DIR, *, url: str = VAL_URL, t
 
 def load_eval_examples(data: str | Path | None, limit: int | None, ctx: DistContext) -> list[Example]:
     """The examples to score on every rank: from ``data``, or the canonical val set (downloaded by rank 0 only)."""
-    return load_examples(_on_main(lambda: data or ensure_val(), ctx), limit)
+    return load_examples(on_main(lambda: data or ensure_val(), ctx), limit)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -266,43 +266,13 @@ def _evaluate_with(
         n=n, acc=correct / n, acc_norm=correct_norm / n, correct=correct, correct_norm=correct_norm, seconds=0.0
     )
     if keep_predictions:
-        result.predictions = _gather_strided(predictions, ctx)
+        result.predictions = gather_strided(predictions, ctx)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _gather_strided(local: list[T], ctx: DistContext) -> list[T]:
-    """Undo the strided split ``items[rank::world_size]``: every rank's share, interleaved back in order."""
-    if not ctx.is_distributed:
-        return local
-    shares: list[list[T]] = [[] for _ in range(ctx.world_size)]
-    dist.all_gather_object(shares, local)
-    return [shares[i % ctx.world_size][i // ctx.world_size] for i in range(sum(map(len, shares)))]
-
-
-def _on_main(fn: Callable[[], T], ctx: DistContext) -> T:
-    """Run ``fn`` on rank 0 only and hand its result (or its ``UserError``) to every rank."""
-    if not ctx.is_distributed:
-        return fn()
-    box: list[Any] = [None]
-    if ctx.is_main:
-        try:
-            box[0] = ("ok", fn())
-        except UserError as e:
-            box[0] = ("error", str(e))
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise UserError(value)
-    return value
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Files and the command line
-
-
-def _jsonl(records: Iterable[dict]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)
 
 
 def read_scores(run_dir: str | Path) -> list[dict]:
@@ -343,15 +313,6 @@ class EvalConfig:
             raise UserError(f"--batch-size must be positive, got {self.batch_size}")
 
 
-def is_run_dir(target: str | Path) -> bool:
-    """A directory for ``ckpt_*.pt`` files: not a Hugging Face model directory (it has a config.json), nor
-    a hub id that happens to name a folder without checkpoints (``gpt2`` is also this package's folder)."""
-    path = Path(target)
-    if not path.is_dir() or (path / "config.json").exists():
-        return False
-    return bool(find_checkpoints(path)) or not is_hub_id(str(target))
-
-
 def run(cfg: EvalConfig, report: Callable[[str], None] = print) -> list[HellaSwagResult]:
     """Score ``cfg.target``; ``report`` receives the human-readable lines (on rank 0 only).
 
@@ -359,29 +320,26 @@ def run(cfg: EvalConfig, report: Callable[[str], None] = print) -> list[HellaSwa
     ``watch``); any other target is scored once and written to ``--out`` / ``--predictions``.
     """
     # --watch may start before the trainer has made the run directory.
-    run_mode = is_run_dir(cfg.target) or (cfg.watch and not Path(cfg.target).exists())
-    if run_mode and (cfg.out or cfg.predictions):
+    by_run = run_mode(cfg.target, cfg.watch)
+    if by_run and (cfg.out or cfg.predictions):
         raise UserError("--out and --predictions score one model: pass a checkpoint file, not a run directory")
-    if cfg.watch and not run_mode:
+    if cfg.watch and not by_run:
         raise UserError(f"--watch polls a run directory for new checkpoints; {cfg.target} is not one")
     ctx = init_distributed(cfg.device)
     say = report if ctx.is_main else (lambda line: None)
     try:
         examples = load_eval_examples(cfg.hellaswag_data, cfg.limit, ctx)
-        if not run_mode:
+        if not by_run:
             return [_score_target(cfg, examples, ctx, say)]
-        if cfg.watch:
-            say(f"watching {cfg.target} for new checkpoints every {cfg.interval:g}s (Ctrl-C to stop)")
-        elif not find_checkpoints(cfg.target):
-            raise UserError(f"{cfg.target} holds no ckpt_*.pt checkpoints and is not a Hugging Face model directory")
         state = RunState()
-        results = score_run(cfg, examples, ctx, say, state)
-        if not results and not cfg.watch:
-            say(f"every checkpoint in {cfg.target} is already scored in {SCORES_FILE}")
-        while cfg.watch:
-            time.sleep(cfg.interval)
-            results += score_run(cfg, examples, ctx, say, state)
-        return results
+        return watch_run(
+            cfg.target,
+            lambda: score_run(cfg, examples, ctx, say, state),
+            say,
+            f"every checkpoint in {cfg.target} is already scored in {SCORES_FILE}",
+            cfg.watch,
+            cfg.interval,
+        )
     finally:
         destroy_distributed()
 
@@ -401,7 +359,7 @@ def _score_target(
                        "acc_norm": result.acc_norm, "seconds": round(result.seconds, 3)}  # fmt: skip
             atomic_write_text(cfg.out, json.dumps(summary, indent=2) + "\n")
         if cfg.predictions:
-            atomic_write_text(cfg.predictions, _jsonl(asdict(p) for p in result.predictions))
+            atomic_write_text(cfg.predictions, jsonl_text(asdict(p) for p in result.predictions))
     return result
 
 
@@ -434,7 +392,7 @@ def score_run(
 
     state = state or RunState()
     results = []
-    todo = _on_main(pending, ctx)
+    todo = on_main(pending, ctx)
     # A run trained with --tensorboard/--wandb gets the scores too (rank 0; nothing when it was not tracked).
     trackers = open_run_trackers(run_dir, warn=log.warning) if todo and ctx.is_main else Trackers()
     with trackers:
@@ -444,7 +402,7 @@ def score_run(
                 continue
             if ctx.is_main:
                 record = {"step": step, "acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
-                atomic_write_text(run_dir / SCORES_FILE, _jsonl([*read_scores(run_dir), record]))
+                atomic_write_text(run_dir / SCORES_FILE, jsonl_text([*read_scores(run_dir), record]))
                 trackers.log_record({"kind": "hellaswag", **record})
                 say(f"step {step}: {result.summary()}")
             barrier(ctx)
@@ -456,7 +414,7 @@ def _score_checkpoint(
     cfg: EvalConfig, examples: list[Example], ctx: DistContext, state: RunState, path: str
 ) -> HellaSwagResult | None:
     """One checkpoint of a run scored on every rank (None: unreadable for now, while watching)."""
-    model = _load_for_run(path, ctx, state.skipped if cfg.watch else None)
+    model = load_on_every_rank(path, ctx, state.skipped if cfg.watch else None)
     if model is None:
         return None
     if state.scorer is None or state.scorer.model.config != model.config:
@@ -464,22 +422,3 @@ def _score_checkpoint(
     else:  # same architecture: load the weights in place and keep the compiled trunk
         state.scorer.model.load_state_dict(model.state_dict())
     return _evaluate_with(state.scorer, examples, ctx, cfg.batch_size, cfg.dtype, cfg.progress, False)
-
-
-def _load_for_run(path: str, ctx: DistContext, skipped: set[str] | None) -> GPT | None:
-    """The checkpoint's model on every rank; or, when any rank could not read it, None on every rank if
-    ``skipped`` is given (the path is added to it) and a ``UserError`` if not."""
-    error = None
-    try:
-        model = model_from_checkpoint(load_checkpoint(path), path).to(ctx.device).eval()
-    except UserError as e:
-        model, error = None, e
-    failed = all_reduce_sum(torch.tensor([error is not None], dtype=torch.long, device=ctx.device), ctx).item()
-    if not failed:
-        return model
-    if skipped is None:
-        raise error or UserError(f"checkpoint {path} cannot be loaded on another rank")
-    if path not in skipped:
-        log.warning("skipping %s for now: %s", path, error or "unreadable on another rank")
-        skipped.add(path)
-    return None

@@ -30,9 +30,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from gpt2.checkpoint import load_model
-from gpt2.distributed import DTYPES, init_distributed
+from gpt2.distributed import DTYPES, gather_strided, init_distributed
 from gpt2.errors import UserError
-from gpt2.hellaswag import _gather_strided
 from gpt2.model import GPT
 from gpt2.scoring import ContinuationScorer, PackedRow, RowScores, pack_row, score_rows
 from gpt2.tokenizer import EOT_ID, get_encoding
@@ -118,7 +117,7 @@ class PipelineLM(TemplateLM):
             scores = score_rows(
                 self.scorer, local, self.dist.device, batch_size=self.batch_size, dtype=self.dtype, on_batch=bar.update
             )
-        return _gather_strided(scores, self.dist)
+        return gather_strided(scores, self.dist)
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole documents (perplexity tasks), over the harness's own rolling windows:

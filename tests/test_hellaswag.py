@@ -27,11 +27,11 @@ from gpt2.hellaswag import (
     Example,
     ensure_val,
     evaluate,
-    is_run_dir,
     load_examples,
     pack_example,
     run,
 )
+from gpt2.rundir import is_run_dir
 from gpt2.scoring import ContinuationScorer, batch_tensors
 
 WORDS = "the a man woman dog ball runs jumps over under quickly slowly red blue house tree water then and it".split()
