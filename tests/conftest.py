@@ -1,12 +1,20 @@
-"""Shared pytest fixtures and settings (helpers live in ``support.py``)."""
+"""Shared pytest fixtures and settings (helpers live in ``support.py``).
+
+The suite runs offline: the Hugging Face hub and datasets are told so before anything imports them (a test that
+exercises the online path sets its own environment for the program it runs).
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from support import SHARED_DATA, write_shards
 
 

@@ -202,7 +202,7 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path):
     # without --input the hub is needed: without network it fails at once, telling the user to pass --input
     start = time.monotonic()
     no_proxy = {v: "" for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")}
-    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", **no_proxy}
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", **no_proxy}
     r = run_python(ROOT / "prepare_fineweb.py", "--out", tmp_path / "o", env=env)
     assert r.returncode == 2 and time.monotonic() - start < 30
     assert r.stderr.count("\n") == 1 and "cannot reach the Hugging Face hub" in r.stderr and "--input" in r.stderr
