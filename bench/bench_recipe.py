@@ -5,7 +5,7 @@ Measured the speedrun way, on the same shards, model size, seed and data order:
 
 1. sweep: each recipe at several base learning rates (``--gpt2-lrs``; ``--modern-scales`` multiplies all of the
    modern recipe's rates: Muon, embeddings, head) with the full token budget; each recipe keeps its best;
-2. budgets: the modern recipe at its best rates with 30/40/60/80% of the budget, each a complete run (its
+2. budgets: the modern recipe at its best rates with 10-80% of the budget, each a complete run (its
    warmup-stable-decay schedule finished within its own budget);
 3. the ratio: where the modern final val loss, interpolated linearly between budgets, crosses the classic one;
 4. ablation: the modern recipe with one piece switched back to GPT-2's, at 40% of the budget.
@@ -35,13 +35,13 @@ from gpt2.prepare import PrepareConfig, prepare
 from gpt2.runlog import JsonlLog
 from gpt2.trainer import train
 
-ABLATIONS = {  # one piece of the modern recipe switched back to GPT-2's
+ABLATIONS = {  # one piece of the modern recipe switched back to GPT-2's (or, for the soft-cap, on)
     "adamw instead of muon": dict(optimizer="adamw", lr=1.8e-3, embed_lr=1.8e-3, head_lr=1.8e-3),
     "learned positions": dict(rope_theta=0.0),
     "no qk-norm": dict(qk_norm=False),
     "gelu instead of relu2": dict(mlp="gelu"),
-    "tied head": dict(tie_embeddings=True),
-    "no soft-cap": dict(logit_softcap=0.0),
+    "tied head (at the head's rate)": dict(tie_embeddings=True, embed_lr=0.006),
+    "with a logit soft-cap of 15": dict(logit_softcap=15.0),  # the one piece the recipe leaves off
     "cosine instead of wsd": dict(schedule="cosine"),
 }
 
@@ -134,7 +134,7 @@ def timing(args: argparse.Namespace, data: Path) -> None:
     for compile in (False, True):
         for recipe in ("gpt2", "modern"):
             out = args.work / "timing" / f"{recipe}_{compile}"
-            cfg = TrainConfig(data=str(data), out=str(out), recipe=recipe, max_steps=8, resume="never",
+            cfg = TrainConfig(data=str(data), out=str(out), recipe=recipe, max_steps=8, warmup_steps=1, resume="never",
                               compile=compile, **{**model_flags(args), "eval_every": 0})  # fmt: skip
             if out.exists():
                 for path in out.iterdir():
@@ -159,7 +159,9 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=12)
     p.add_argument("--gpt2-lrs", default="6e-4,1.8e-3,3.6e-3", help="the gpt2 recipe's sweep of --lr")
     p.add_argument("--modern-scales", default="0.5,1,2", help="the modern recipe's sweep: x all its rates")
-    p.add_argument("--budgets", default="0.3,0.4,0.6,0.8", help="fractions of the budget for the modern recipe")
+    p.add_argument(
+        "--budgets", default="0.1,0.15,0.2,0.3,0.4,0.6,0.8", help="fractions of the budget for the modern recipe"
+    )
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--timing", action="store_true", help="only measure seconds per token (idle machine)")
     args = p.parse_args()

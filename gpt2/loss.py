@@ -64,23 +64,33 @@ class _FusedCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
+        rows_index = torch.arange(min(chunk_rows, h.size(0)), device=h.device)
         for start in range(0, h.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             h_chunk, y, keep = hc[rows], targets[rows].clamp(min=0), valid[rows]
+            # Each pass over the (rows x vocabulary) fp32 block costs about as much as a matmul here, so the
+            # softmax is written to make as few passes as it can, in place, into one extra buffer.
             z = (h_chunk @ w.T).float()
             if softcap:
-                t = torch.tanh(z / softcap)
-                z = softcap * t
-            lse = torch.logsumexp(z, dim=-1)
-            picked = z.gather(1, y.unsqueeze(1)).squeeze(1)
-            loss_sum += ((lse - picked) * keep).sum()
+                t = z.mul_(1.0 / softcap).tanh_()  # z now holds tanh(z / cap); the capped logits are cap * t
+                picked = t.gather(1, y.unsqueeze(1)).squeeze(1) * softcap
+                # |capped logit| <= cap, so for caps up to 80 exp cannot overflow in fp32: no max to subtract.
+                shift = torch.full_like(picked, softcap if softcap > 80 else 0.0)
+                e = torch.mul(t, softcap)
+                e = (e.sub_(softcap) if softcap > 80 else e).exp_()
+            else:
+                picked = z.gather(1, y.unsqueeze(1)).squeeze(1)
+                shift = z.amax(dim=1)
+                e = z.sub_(shift.unsqueeze(1)).exp_()
+            total = e.sum(dim=1)
+            loss_sum += ((shift + total.log() - picked) * keep).sum()
             if need_grad:
-                # d loss / d z = (softmax(z) - onehot(y)) / count on the rows that count, 0 on the others
-                dz = torch.exp_(z.sub_(lse.unsqueeze(1)))
-                dz[torch.arange(len(y), device=y.device), y] -= 1.0
-                dz.mul_((keep / count).unsqueeze(1))
-                if softcap:
-                    dz.mul_(1.0 - t * t)  # through the cap: d(c tanh(x/c))/dx = 1 - tanh^2
+                # d loss / d logits = (softmax - onehot(y)) / count on the rows that count, 0 on the others
+                scale = keep / count
+                dz = e.mul_((scale / total).unsqueeze(1))
+                dz[rows_index[: len(y)], y] -= scale
+                if softcap:  # through the cap: d(c tanh(x / c))/dx = 1 - tanh^2, i.e. dz -= dz * t^2
+                    dz.addcmul_(dz, t.square_(), value=-1.0)
                 dz = dz.to(compute_dtype)
                 grad_h[rows] = (dz @ w).to(h.dtype)
                 grad_w[:vocab_size] += (dz.T @ h_chunk).float()

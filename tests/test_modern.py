@@ -43,7 +43,8 @@ MODERN_BLOCK = RECIPES["modern"].architecture()
 
 def modern_model(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(tiny_config(**{**MODERN_BLOCK, "zero_init": False, **overrides}))  # random weights everywhere
+    # random weights everywhere, and the soft-cap on (the recipe leaves it off; its path is tested here)
+    model = GPT(tiny_config(**{**MODERN_BLOCK, "zero_init": False, "logit_softcap": 15.0, **overrides}))
     return model.eval()
 
 
@@ -164,7 +165,7 @@ def test_wsd_warms_up_holds_and_cools_down_to_the_end_of_any_budget():
 # ----------------------------------------------------------------------------------------------------------------------
 # The pipeline's guarantees, under the modern recipe
 
-MODERN = dict(recipe="modern", warmup_steps=1)
+MODERN = dict(recipe="modern", warmup_steps=1, logit_softcap=15.0)  # every piece on, the optional soft-cap too
 
 
 @pytest.mark.slow
