@@ -63,7 +63,7 @@ class PipelineLM(TemplateLM):
             model = pretrained.to(self.dist.device).eval()
         else:
             model, _ = load_model(pretrained, self.dist.device)
-        self.scorer = ContinuationScorer(model)
+        self.scorer = ContinuationScorer(model, greedy=True)  # the harness asks whether each continuation is greedy
         self.batch_size = int(batch_size)
         self.dtype = dtype
         self._device = torch.device(self.dist.device)

@@ -35,6 +35,7 @@ from gpt2.distributed import autocast
 from gpt2.model import GPT
 
 BUCKET = 8  # packed rows are padded to a multiple of this many tokens, unless a row says otherwise
+MIN_HEAD_ROWS = 8  # the LM head never runs on fewer rows (see ContinuationScorer.forward)
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,18 @@ def pack_row(context: list[int], continuations: list[list[int]], bucket: int = B
 
 
 class ContinuationScorer(nn.Module):
-    """Per-token cross-entropy (and whether the token is the argmax) of the targets of packed rows.
+    """Per-token cross-entropy of the targets of packed rows, and, with ``greedy``, whether each target is the
+    model's most likely next token (lm-eval's ``is_greedy``; HellaSwag does not need it, and the argmax is one
+    more pass over every chunk of vocabulary-wide logits: a quarter of a small model's scoring time).
 
     ``compile`` compiles the trunk (``GPT.hidden`` under the packing mask) with dynamic shapes; the LM head
     runs eagerly in chunks.
     """
 
-    def __init__(self, model: GPT, compile: bool = False) -> None:
+    def __init__(self, model: GPT, compile: bool = False, greedy: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.greedy = greedy
         self._hidden = torch.compile(self.hidden, dynamic=True) if compile else self.hidden
 
     def hidden(self, idx: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
@@ -99,25 +103,29 @@ class ContinuationScorer(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``idx, pos, seg``: (B, T) tokens, positions, segments (-1 for padding); ``src``: flat indices into
-        (B*T) of the positions that predict ``tgt``. Returns the fp32 loss of each target token and whether
-        each target is the model's most likely next token."""
+        (B*T) of the positions that predict ``tgt``. Returns the fp32 loss of each target token and, with
+        ``greedy``, whether each target is the model's most likely next token (else None)."""
         h = self._hidden(idx, pos, seg).flatten(0, 1)[src]
         # Each chunk streams the (vocab, C) head weight once and writes chunk x vocab logits: about C rows
         # balances the two, and at least 64 rows keeps a small model's logits in cache.
         chunk = max(64, self.model.config.n_embd)
         bounds = [*range(0, len(tgt), chunk), len(tgt)]
-        if len(bounds) > 2 and bounds[-1] - bounds[-2] < 8:
-            # A tiny tail joins the chunk before it: a one-row matmul takes another kernel (gemv), whose
-            # last bits differ, and a row's loss must not depend on where the batch happens to end.
+        # A matmul of very few rows takes other kernels (gemv; on some CPUs up to 3 rows), whose last bits
+        # differ, and a row's loss must not depend on where its batch happens to end or how few targets it
+        # holds: a short tail joins the chunk before it, and a batch's only chunk, if short, is padded with
+        # zero rows (whose logits are dropped), so the head always multiplies at least MIN_HEAD_ROWS rows.
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] < MIN_HEAD_ROWS:
             del bounds[-2]
         losses, greedy = [], []
         for a, b in zip(bounds, bounds[1:]):
-            logits = self.model.logits(h[a:b]).float()
+            rows = F.pad(h[a:b], (0, 0, 0, max(0, MIN_HEAD_ROWS - (b - a))))
+            logits = self.model.logits(rows).float()[: b - a]
             losses.append(F.cross_entropy(logits, tgt[a:b], reduction="none"))
-            greedy.append(logits.argmax(dim=-1) == tgt[a:b])
-        return torch.cat(losses), torch.cat(greedy)
+            if self.greedy:
+                greedy.append(logits.argmax(dim=-1) == tgt[a:b])
+        return torch.cat(losses), torch.cat(greedy) if self.greedy else None
 
 
 def batch_tensors(rows: list[PackedRow], device: str) -> tuple[torch.Tensor, ...]:
@@ -150,17 +158,19 @@ def length_batches(rows: list[PackedRow], batch_size: int) -> Iterator[list[int]
 
 @dataclass
 class RowScores:
-    """Per-target-token losses (fp64 copies of the fp32 values) and greedy flags of one packed row."""
+    """Per-target-token losses (fp64 copies of the fp32 values) and greedy flags (None when not asked for) of one
+    packed row."""
 
     losses: list[float]
-    greedy: list[bool]
+    greedy: list[bool] | None
 
-    def per_continuation(self, lens: list[int]) -> list[tuple[float, bool]]:
-        """``(summed loss, all tokens greedy)`` of each continuation; the sum is exact (``math.fsum``), so it
-        does not depend on summation order."""
+    def per_continuation(self, lens: list[int]) -> list[tuple[float, bool | None]]:
+        """``(summed loss, all tokens greedy)`` of each continuation (None for the flag when not asked for); the sum
+        is exact (``math.fsum``), so it does not depend on summation order."""
         out, start = [], 0
         for n in lens:
-            out.append((math.fsum(self.losses[start : start + n]), all(self.greedy[start : start + n])))
+            greedy = None if self.greedy is None else all(self.greedy[start : start + n])
+            out.append((math.fsum(self.losses[start : start + n]), greedy))
             start += n
         return out
 
@@ -182,11 +192,12 @@ def score_rows(
     for batch in length_batches(rows, batch_size):
         with autocast(torch.device(device).type, dtype):
             losses, greedy = scorer(*batch_tensors([rows[i] for i in batch], device))
-        losses, greedy = losses.double().cpu().tolist(), greedy.cpu().tolist()
+        losses = losses.double().cpu().tolist()
+        greedy = None if greedy is None else greedy.cpu().tolist()
         start = 0
         for i in batch:
             n = len(rows[i].targets)
-            scores[i] = RowScores(losses[start : start + n], greedy[start : start + n])
+            scores[i] = RowScores(losses[start : start + n], None if greedy is None else greedy[start : start + n])
             start += n
         if on_batch is not None:
             on_batch(len(batch))

@@ -122,3 +122,29 @@ def losses(records: list[dict], kind: str = "train") -> dict[int, float]:
     steps = [r["step"] for r in records if r["kind"] == kind]
     assert len(steps) == len(set(steps)), f"duplicate {kind} records: {steps}"
     return {r["step"]: r["loss"] for r in records if r["kind"] == kind}
+
+
+def _golden_make():
+    """The fixture's make.py as a module: its ``machine_key`` names the folder of this machine's outputs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("golden_make", GOLDEN / "make.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def golden_outputs() -> Path:
+    """The v0.1 release's fp32 outputs recorded on this kind of machine (the last bits of fp32 kernels differ
+    between kinds), or a skip that says how to record them."""
+    import pytest
+
+    key = _golden_make().machine_key()
+    if not (GOLDEN / key).is_dir():
+        pytest.skip(f"no v0.1 outputs recorded for {key}: run tests/fixtures/golden_v0_1/make.py at eb7dc4e here")
+    return GOLDEN / key
+
+
+def golden_output_sets() -> list[Path]:
+    """Every kind of machine's recorded outputs (for comparisons within a tolerance, which hold on any machine)."""
+    return sorted(path for path in GOLDEN.iterdir() if (path / "run").is_dir())
