@@ -7,9 +7,11 @@ it writes the scores.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,18 +50,42 @@ def watch_run(
     interval: float,
 ) -> list[T]:
     """Run ``score_pass`` (which scores what the run's scores file lacks) once, or every ``interval`` seconds
-    forever; ``nothing_new`` is said when a single pass found everything scored already."""
-    if watch:
-        say(f"watching {target} for new checkpoints every {interval:g}s (Ctrl-C to stop)")
-    elif not find_checkpoints(target):
-        raise UserError(f"{target} holds no ckpt_*.pt checkpoints and is not a Hugging Face model directory")
-    results = score_pass()
-    if not results and not watch:
-        say(nothing_new)
-    while watch:
-        time.sleep(interval)
-        results += score_pass()
-    return results
+    until Ctrl-C (KeyboardInterrupt); ``nothing_new`` is said when a single pass found everything scored already."""
+    if not watch:
+        if not find_checkpoints(target):
+            raise UserError(f"{target} holds no ckpt_*.pt checkpoints and is not a Hugging Face model directory")
+        results = score_pass()
+        if not results:
+            say(nothing_new)
+        return results
+    say(f"watching {target} for new checkpoints every {interval:g}s (Ctrl-C to stop)")
+    with _remembered_interrupt() as interrupted:
+        results = score_pass()
+        while not interrupted.wait(interval):
+            results += score_pass()
+    # Only Ctrl-C ends a watch, normally as the KeyboardInterrupt it raises. Here that was swallowed: it came
+    # while Python ran a finalizer (a progress bar's, a tensor's), which drops exceptions; the event kept it.
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _remembered_interrupt() -> Iterator[threading.Event]:
+    """SIGINT raises KeyboardInterrupt as usual and also sets the event it yields, so that an interrupt that a
+    finalizer swallowed is not lost (on the main thread; elsewhere signals cannot be handled, the event stays unset)."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_sigint(signum: int, frame: object) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def load_on_every_rank(path: str, ctx: DistContext, skipped: set[str] | None) -> GPT | None:

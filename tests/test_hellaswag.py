@@ -31,7 +31,7 @@ from gpt2.hellaswag import (
     pack_example,
     run,
 )
-from gpt2.rundir import is_run_dir
+from gpt2.rundir import is_run_dir, watch_run
 from gpt2.scoring import ContinuationScorer, batch_tensors
 
 WORDS = "the a man woman dog ball runs jumps over under quickly slowly red blue house tree water then and it".split()
@@ -250,6 +250,27 @@ def test_watch_scores_new_checkpoints_and_waits_out_unreadable_ones(tmp_path):
     assert stdout.startswith(f"watching {run_dir} for new checkpoints every 0.2s")
     assert [line.split(":")[0] for line in stdout.splitlines()[1:]] == ["step 1", "step 2"]
     assert "skipping" in stderr and "ckpt_000002.pt" in stderr
+
+
+def test_a_ctrl_c_that_a_finalizer_swallowed_still_ends_the_watch():
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler runs here and its KeyboardInterrupt is dropped with the finalizer
+
+    passes = []
+
+    def score_pass() -> list:
+        passes.append(len(passes))
+        assert len(passes) < 5, "the watch went on after Ctrl-C"
+        if len(passes) == 2:
+            Finalized()  # collected at once, Ctrl-C during its __del__
+        return []
+
+    with pytest.raises(KeyboardInterrupt):
+        watch_run("run", score_pass, say=lambda _: None, nothing_new="", watch=True, interval=0.01)
+    assert passes == [0, 1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back
 
 
 @pytest.mark.parametrize(
