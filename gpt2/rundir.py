@@ -71,9 +71,11 @@ def watch_run(
 @contextlib.contextmanager
 def _remembered_interrupt() -> Iterator[threading.Event]:
     """SIGINT raises KeyboardInterrupt as usual and also sets the event it yields, so that an interrupt that a
-    finalizer swallowed is not lost (on the main thread; elsewhere signals cannot be handled, the event stays unset)."""
+    finalizer swallowed is not lost. Only where Python's own Ctrl-C handler is in place (on the main thread, and
+    not where SIGINT is ignored, as in a background job): elsewhere the event stays unset."""
     interrupted = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    in_main = threading.current_thread() is threading.main_thread()
+    if not in_main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield interrupted
         return
 

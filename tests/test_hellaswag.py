@@ -231,6 +231,7 @@ def test_watch_scores_new_checkpoints_and_waits_out_unreadable_ones(tmp_path):
         [sys.executable, "eval_hellaswag.py", run_dir, "--hellaswag-data", data, "--watch", "--interval", "0.2"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # Ctrl-C works even if ours is ignored
     )  # fmt: skip
     scored = lambda: [r["step"] for r in map(json.loads, (run_dir / SCORES_FILE).read_text().splitlines())]
     try:
@@ -267,10 +268,14 @@ def test_a_ctrl_c_that_a_finalizer_swallowed_still_ends_the_watch():
             Finalized()  # collected at once, Ctrl-C during its __del__
         return []
 
-    with pytest.raises(KeyboardInterrupt):
-        watch_run("run", score_pass, say=lambda _: None, nothing_new="", watch=True, interval=0.01)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (not a background job)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            watch_run("run", score_pass, say=lambda _: None, nothing_new="", watch=True, interval=0.01)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert passes == [0, 1]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back
 
 
 @pytest.mark.parametrize(
