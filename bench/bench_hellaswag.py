@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from gpt2.config import GPTConfig
 from gpt2.distributed import DistContext
 from gpt2.errors import run_cli
 from gpt2.hellaswag import Example, evaluate, load_examples
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT
 from gpt2.tokenizer import get_encoding
 
 SHARED_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "hellaswag" / "hellaswag_val_first1000.jsonl"

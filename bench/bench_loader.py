@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt2.config import GPTConfig
 from gpt2.data import TrainLoader, list_shards
 from gpt2.errors import run_cli
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak
 ASSUMED_MFU = 0.4

@@ -39,10 +39,10 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gpt2.config import TrainConfig
+from gpt2.config import GPTConfig, TrainConfig
 from gpt2.distributed import DistContext, autocast
 from gpt2.metrics import measure_matmul_peak
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT
 from gpt2.optim import build_optimizers
 from gpt2.trainer import train_step
 

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from gpt2.config import GPTConfig
 from gpt2.errors import UserError
 from gpt2.files import atomic_write
 from gpt2.hf import is_hub_id, load_hf_model
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT
 from gpt2.tokenizer import N_VOCAB
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.pt$")

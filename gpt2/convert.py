@@ -20,8 +20,9 @@ import torch
 
 from gpt2.checkpoint import clean_state_dict, model_payload, save_checkpoint
 from gpt2.cli import option, parse
+from gpt2.config import GPTConfig
 from gpt2.errors import UserError, run_cli
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT
 from gpt2.tokenizer import N_VOCAB
 
 ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from gpt2.config import GPTConfig
 from gpt2.errors import UserError
 from gpt2.files import atomic_write, atomic_write_text
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT
 from gpt2.tokenizer import EOT_ID, EOT_TOKEN, N_VOCAB, get_encoding
 
 HUB_IDS = {

@@ -1,7 +1,7 @@
 """The GPT model: pre-norm transformer blocks with causal flash attention (SDPA).
 
 By default it is exactly OpenAI's GPT-2 (learned positions, LayerNorm, GELU, tied head, biases). The fields
-of ``GPTConfig`` after ``vocab_multiple`` switch on the modern block one piece at a time (rotary positions,
+of ``GPTConfig`` (``gpt2.config``) after ``vocab_multiple`` switch on the modern block one piece at a time (rotary positions,
 RMSNorm, QK-norm, ReLU², an untied head, zero-initialised output projections, a logit soft-cap, no biases);
 ``--recipe modern`` turns them all on. Parameter names follow GPT-2 as Hugging Face spells them
 (``transformer.h.0.attn.c_attn``...), so GPT-2 weights move in and out with nothing but a transpose of the
@@ -10,107 +10,12 @@ Conv1D matrices (see ``gpt2.hf``).
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields, replace
-
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gpt2.config import GPTConfig
 from gpt2.loss import IGNORE_INDEX, fused_cross_entropy
-
-
-@dataclass
-class GPTConfig:
-    """Architecture of a GPT model.
-
-    ``vocab_size`` is the number of ids the model may read, emit and score (50257 for GPT-2 BPE).
-    The embedding table is rounded up to a multiple of ``vocab_multiple`` (64 gives 50304, which
-    keeps the output matmul aligned on GPUs); the padded rows are never sampled or scored because
-    the logits are cut back to ``vocab_size``.
-    """
-
-    block_size: int = 1024
-    vocab_size: int = 50257
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    vocab_multiple: int = 1
-    # The modern block, piece by piece (defaults: GPT-2).
-    rope_theta: float = 0.0  # rotary position embeddings with this base (e.g. 10000); 0: learned positions
-    norm: str = "layernorm"  # or "rmsnorm": parameter-free RMSNorm, also applied to the token embedding
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
-    mlp: str = "gelu"  # or "relu2": relu(x)^2
-    tie_embeddings: bool = True  # the output head shares the token embedding's weights
-    zero_init: bool = False  # zero-initialise the residual output projections (and an untied head)
-    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0: no cap
-    bias: bool = True  # biases in the linear layers (and LayerNorms)
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.rope_theta < 0 or self.logit_softcap < 0:
-            raise ValueError("rope_theta and logit_softcap must not be negative (0: off)")
-        if self.rope_theta and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rotary embeddings need an even head dimension, got {self.n_embd // self.n_head}")
-        if self.norm not in NORMS or self.mlp not in MLPS:
-            raise ValueError(f"norm must be one of {', '.join(NORMS)} and mlp one of {', '.join(MLPS)}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    def gpt2_compatible(self) -> list[str]:
-        """What keeps this architecture from being OpenAI's GPT-2 (empty: it is GPT-2)."""
-        defaults = GPTConfig()
-        return [
-            f"{f.name}={getattr(self, f.name)!r}"
-            for f in fields(self)
-            if f.name in MODERN_FIELDS and getattr(self, f.name) != getattr(defaults, f.name)
-        ]
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
-
-    def limit_vocab(self, n_ids: int) -> GPTConfig:
-        """This architecture reading and emitting only ids below ``n_ids`` (the tokenizer's): output rows
-        beyond it stay in the weights as padding, never sampled, scored or counted in the softmax. This is
-        how a nanoGPT-style ``vocab_size`` of 50304 (padding included) is read."""
-        if self.vocab_size <= n_ids:
-            return self
-        rows = self.padded_vocab_size
-        multiple = 64 if rows % 64 == 0 and math.ceil(n_ids / 64) * 64 == rows else rows
-        return replace(self, vocab_size=n_ids, vocab_multiple=multiple)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: int) -> GPTConfig:
-        """The architecture of an OpenAI GPT-2 size (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``), or the
-        demo's tiny model (``demo``)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict[str, int | float | str | bool]:
-        return asdict(self)
-
-
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "relu2")
-MODERN_FIELDS = ("rope_theta", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init", "logit_softcap", "bias")
-
-
-PRESETS: dict[str, dict[str, int]] = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-    "demo": dict(n_layer=4, n_head=4, n_embd=64, block_size=64),  # 3.5M, mostly embedding: `make demo` on a CPU
-}
 
 
 class RMSNorm(nn.Module):

@@ -35,7 +35,7 @@ from gpt2.checkpoint import (
     upgrade_checkpoint,
 )
 from gpt2.cli import flag
-from gpt2.config import PADDED_VOCAB_MULTIPLE, TrainConfig
+from gpt2.config import PADDED_VOCAB_MULTIPLE, GPTConfig, TrainConfig
 from gpt2.data import PAD_TARGET, TrainLoader, ValLoader, list_shards
 from gpt2.distributed import (
     DistContext,
@@ -51,7 +51,7 @@ from gpt2.errors import EXIT_DIVERGED, UserError
 from gpt2.hf import load_hf_model
 from gpt2.hostmem import HostMemory
 from gpt2.metrics import device_peak, mfu
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT
 from gpt2.optim import Optimizers, build_optimizers
 from gpt2.runlog import LOG_FILE, JsonlLog, Reporter
 from gpt2.sample import sample_text

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from gpt2.config import TrainConfig
+from gpt2.config import GPTConfig, TrainConfig
 from gpt2.hellaswag import Example
-from gpt2.model import GPT, GPTConfig
+from gpt2.model import GPT
 from gpt2.tokenizer import get_encoding
 from gpt2.trainer import StopRequest
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from support import tiny_model
 
-from gpt2.model import GPT, GPTConfig
+from gpt2.config import GPTConfig
+from gpt2.model import GPT
 
 
 def test_gpt2_124m_parameter_count():

@@ -26,13 +26,13 @@ from support import (
 from torch.nn import functional as F
 
 from gpt2.checkpoint import load_model, model_payload, save_checkpoint
-from gpt2.config import RECIPES, TrainConfig
+from gpt2.config import RECIPES, GPTConfig, TrainConfig
 from gpt2.distributed import DistContext
 from gpt2.errors import UserError
 from gpt2.hellaswag import evaluate, load_examples
 from gpt2.hf import export_hf
 from gpt2.loss import fused_cross_entropy
-from gpt2.model import GPT, GPTConfig, apply_rotary
+from gpt2.model import GPT, apply_rotary
 from gpt2.optim import build_optimizers
 from gpt2.sample import generate
 from gpt2.schedule import lr_multiplier

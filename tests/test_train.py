@@ -306,9 +306,10 @@ def test_hellaswag_in_the_loop_matches_the_evaluator_on_the_checkpoint(synthetic
 
 def test_init_from_a_hugging_face_directory_starts_from_its_weights(synthetic: Path, tmp_path: Path):
     """--init-from DIR: the pretrained weights, vocabulary padded to a multiple of 64, scored unchanged at step 0."""
+    from gpt2.config import GPTConfig
     from gpt2.distributed import DistContext
     from gpt2.hf import export_hf
-    from gpt2.model import GPT, GPTConfig
+    from gpt2.model import GPT
     from gpt2.trainer import evaluate_loss
 
     torch.manual_seed(1)
