@@ -284,7 +284,7 @@ class TensorBoardTracker:
     (disk full) so that ``Trackers`` can report it; the thread also prints that error's traceback to stderr.
     """
 
-    def __init__(self, log_dir: Path, purge_step: int | None = 0, prefix: str = "") -> None:
+    def __init__(self, log_dir: Path, purge_step: int | None, prefix: str = "") -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         _wait_for_a_new_second(log_dir)
@@ -316,7 +316,9 @@ def _wait_for_a_new_second(log_dir: Path) -> None:
     which are not in creation order ("...pid.10" < "...pid.9"): a file opened in the same second as an earlier
     one could be read first, and its purge would then miss the steps it redoes."""
     newest = max((int(p.name.split(".")[3]) for p in log_dir.glob("events.out.tfevents.*")), default=0)
-    time.sleep(max(0.0, newest + 1 - time.time()))
+    wait = newest + 1 - time.time()
+    if 0 < wait <= 1:  # more: a clock running ahead named that file, and waiting for it would not help
+        time.sleep(wait)
 
 
 def _code_block(text: str) -> str:
