@@ -302,6 +302,22 @@ def test_tensorboard_added_when_resuming_gets_the_history(tmp_path: Path) -> Non
     assert tb_scalars(tmp_path / "tb") == expected_scalars(JsonlLog(tmp_path / "log.jsonl").read())
 
 
+def test_tensorboard_keeps_what_was_logged_when_the_run_is_killed(tmp_path: Path) -> None:
+    """Each record is in the event file when ``log_record`` returns: SIGKILL leaves no writer a chance to flush."""
+    pytest.importorskip("tensorboard")
+    records = run_records()
+    script = f"""
+        import json, os, signal
+        from gpt2.tracking import open_trackers
+        trackers = open_trackers({str(tmp_path)!r}, tensorboard_dir={str(tmp_path / "tb")!r})
+        for rec in json.loads({json.dumps(records)!r}):
+            trackers.log_record(rec)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+    assert python(script).returncode == -9
+    assert tb_scalars(tmp_path / "tb") == expected_scalars(records)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Weights & Biases (offline)
 
