@@ -4,7 +4,8 @@
 field of a record becomes the scalar ``<kind>/<field>`` at the record's step (``train/loss``, ``train/lr``,
 ``val/loss``, ``hellaswag/acc_norm``, ...; None values are skipped); a ``task`` field names a sub-series
 (``{"kind": "downstream", "task": "arc_easy", "acc": ...}`` -> ``downstream/arc_easy/acc``); text fields (the
-``sample`` record's list of strings) are logged as text (``sample/text``).
+``sample`` record's list of strings) are logged as text (``sample/text``, which TensorBoard shows as
+``sample/text/text_summary``: ``SummaryWriter.add_text`` adds that suffix).
 
 Where: TensorBoard event files go to ``<out>/tb`` (or ``--tensorboard DIR``), W&B's files to ``<out>/wandb``, and
 ``<out>/tracking.json`` remembers both (the W&B run id, so a resumed run continues the same W&B run).
@@ -12,11 +13,11 @@ Where: TensorBoard event files go to ``<out>/tb`` (or ``--tensorboard DIR``), W&
 Resuming from a checkpoint at step S (``log.jsonl`` then keeps the train records of steps < S and the
 evaluation records of steps <= S):
 
-- **TensorBoard** ends up exactly like ``log.jsonl``. Each launch writes its own event file that starts with a
-  ``SessionLog.START`` at S; reading it, TensorBoard drops what the earlier files hold at steps >= S, and the
-  kept evaluation records of step S are written again. (TensorBoard's default Rust loader instead drops a
-  tag's points at steps >= s when a point at step s arrives, which gives the same curves once the resumed run
-  has logged each tag again.)
+- **TensorBoard** ends up exactly like ``log.jsonl``. Each launch writes its own event file through
+  ``SummaryWriter(purge_step=S)``, which starts it with a session start event at S; reading it, TensorBoard drops
+  what the earlier files hold at steps >= S, and the kept evaluation records of step S are written again.
+  (TensorBoard's default Rust loader instead drops a tag's points at steps >= s when a point at step s arrives,
+  which gives the same curves once the resumed run has logged each tag again.)
 - **W&B** history only grows (rewriting it needs W&B's server-side "rewind", a preview feature), so W&B keeps
   the first value logged for each record: a record an earlier attempt already sent (it was in ``log.jsonl``
   before truncation) is not sent again. Every record is its own history row with a ``step`` field, the x-axis
@@ -33,10 +34,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import secrets
-import socket
-import string
 import time
 from collections.abc import Callable, Iterable, Sequence
 from html import escape
@@ -113,16 +111,16 @@ def _record_id(rec: dict[str, Any]) -> tuple[str, int]:
 
 def check_available(*, wandb: bool = False, tensorboard: bool = False) -> None:
     """Raise a one-line ``UserError`` naming the install command when a requested tracker cannot be imported.
-    Call it while validating the configuration, before any training starts."""
+    Call it before any training starts."""
     wanted = [("--wandb", "wandb", "wandb")] if wandb else []
     if tensorboard:
-        wanted.append(("--tensorboard", "tensorboard", "tensorboard.compat.proto.event_pb2"))
+        wanted.append(("--tensorboard", "tensorboard", "torch.utils.tensorboard"))
     for flag, package, module in wanted:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError:
             raise UserError(f"{flag} needs the {package} package: {INSTALL_HINT}") from None
-        except Exception as e:  # a broken install, e.g. a protobuf version it cannot use
+        except Exception as e:  # a broken install, e.g. a protobuf or tensorboard version it cannot use
             raise UserError(f"{flag}: cannot import {package} ({_one_line(e)}); reinstall it: {INSTALL_HINT}") from None
 
 
@@ -189,8 +187,8 @@ def open_trackers(
     trackers = Trackers(warn=warn)
     if tensorboard_dir is not None:
         tb_dir = Path(tensorboard_dir)
-        used_before = tb_dir.is_dir() and any(tb_dir.glob("events.out.tfevents.*"))
-        # Old event files hold the history before resume_step (their later steps fall to the START event).
+        used_before = any(tb_dir.glob("events.out.tfevents.*"))
+        # Old event files hold the history before resume_step (the new file purges their later steps).
         replay = [r for r in kept if r["step"] >= resume_step] if used_before else kept
         if _start(trackers, "TensorBoard", lambda: TensorBoardTracker(tb_dir, purge_step=resume_step), replay):
             trackers.notes.append(f"TensorBoard: {tb_dir} (view with: tensorboard --logdir {tb_dir})")
@@ -198,7 +196,7 @@ def open_trackers(
     if wandb_project is not None:
         previous = state.get("wandb") or {}
         same_run = previous.get("project") == wandb_project and bool(previous.get("id"))
-        run_id = previous["id"] if same_run else _new_wandb_id()
+        run_id = previous["id"] if same_run else secrets.token_hex(4)  # W&B takes any [a-z0-9] id
         state["wandb"] = {"project": wandb_project, "id": run_id}
     if state != before:  # before W&B starts: an interrupted start still leaves the run id to the next attempt
         write_state(out, state)
@@ -275,79 +273,52 @@ def write_state(out_dir: Path, state: dict[str, Any]) -> None:
 
 
 class TensorBoardTracker:
-    """Writes one TensorBoard event file, synchronously: a record is in the file when ``log_record`` returns,
-    and a write error (disk full) is raised there, not in a background thread.
+    """A ``torch.utils.tensorboard.SummaryWriter``: one new event file in ``log_dir`` per tracker.
 
-    ``purge_step``: write a ``SessionLog.START`` at that step first, which tells TensorBoard to drop what earlier
-    event files in the directory hold at steps >= ``purge_step`` (``SummaryWriter(purge_step=...)`` does the
-    same). The trainer always passes one (0 when starting afresh) so that every later START counts as a restart.
+    ``purge_step``: passed to SummaryWriter, which starts the file with a session start event at that step:
+    TensorBoard then drops what earlier event files in the directory hold at steps >= ``purge_step``. The trainer
+    always passes one (0 when starting afresh, which also hides an earlier run's files); an evaluator passes None.
+
+    SummaryWriter writes from a background thread. Flushing after each call waits for that thread, so a record is
+    in the file when ``log_record`` returns (a killed run keeps it), and re-raises here an error the thread hit
+    (disk full) so that ``Trackers`` can report it; the thread also prints that error's traceback to stderr.
     """
 
-    def __init__(self, log_dir: str | Path, purge_step: int | None = 0, prefix: str = "") -> None:
-        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-        from tensorboard.summary.writer.record_writer import RecordWriter
+    def __init__(self, log_dir: Path, purge_step: int | None, prefix: str = "") -> None:
+        from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir, self.prefix, self.start_step = Path(log_dir), prefix, purge_step or 0
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._file = _new_event_file(self.log_dir)
-        self.path = Path(self._file.name)
-        self._records = RecordWriter(self._file)
-        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
-        if purge_step is not None:
-            start = SessionLog(status=SessionLog.START)
-            self._write(Event(wall_time=time.time(), step=purge_step, session_log=start))
+        _wait_for_a_new_second(log_dir)
+        self.writer = SummaryWriter(log_dir, purge_step=purge_step)
+        self.prefix, self.start_step = prefix, purge_step or 0
 
     def log_config(self, config: dict[str, Any]) -> None:
         """The configuration as JSON text (tag ``config``) at the step this writer starts from."""
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
-        self._summary(self.start_step, [_text_value("config", _code_block(text))])
+        self.writer.add_text("config", _code_block(text), self.start_step)
+        self.writer.flush()
 
     def log_record(self, rec: dict[str, Any]) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
         scalars, texts = record_values(rec, self.prefix)
-        values = [Summary.Value(tag=name, simple_value=value) for name, value in scalars.items()]
-        values += [_text_value(name, "\n\n".join(_code_block(t) for t in lines)) for name, lines in texts.items()]
-        if values:
-            self._summary(int(rec["step"]), values)
+        step = int(rec["step"])
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        for name, lines in texts.items():
+            self.writer.add_text(name, "\n\n".join(_code_block(t) for t in lines), step)
+        self.writer.flush()
 
     def close(self, exit_code: int = 0) -> None:
-        self._file.close()
-
-    def _summary(self, step: int, values: list[Any]) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        self._write(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
-
-    def _write(self, event: Any) -> None:
-        self._records.write(event.SerializeToString())
-        self._file.flush()  # into the OS: a killed run keeps every record logged so far
+        self.writer.close()
 
 
-def _new_event_file(log_dir: Path) -> IO[bytes]:
-    """A new ``events.out.tfevents.<time>.<host>.<pid>.<n>`` file; names sort in creation order, which is the
-    order TensorBoard reads them in (a same-second writer of this process takes the next ``n``)."""
-    stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
-    for n in range(1000):
-        try:
-            return open(log_dir / f"{stem}.{n}", "xb")
-        except FileExistsError:
-            continue
-    raise OSError(f"too many event files named {stem}.* in {log_dir}")
-
-
-def _text_value(tag: str, text: str) -> Any:
-    """A summary value for TensorBoard's text plugin (markdown)."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.compat.proto.tensor_pb2 import TensorProto
-    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
-    from tensorboard.compat.proto.types_pb2 import DT_STRING
-    from tensorboard.plugins.text.metadata import create_summary_metadata
-
-    shape = TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)])
-    tensor = TensorProto(dtype=DT_STRING, tensor_shape=shape, string_val=[text.encode("utf-8")])
-    return Summary.Value(tag=tag, metadata=create_summary_metadata(display_name=None, description=None), tensor=tensor)
+def _wait_for_a_new_second(log_dir: Path) -> None:
+    """Wait until the clock has left the second named by the newest event file in ``log_dir``. TensorBoard reads
+    a directory's files in name order, and SummaryWriter names a file by its second, then by pid and a counter,
+    which are not in creation order ("...pid.10" < "...pid.9"): a file opened in the same second as an earlier
+    one could be read first, and its purge would then miss the steps it redoes."""
+    newest = max((int(p.name.split(".")[3]) for p in log_dir.glob("events.out.tfevents.*")), default=0)
+    wait = newest + 1 - time.time()
+    if 0 < wait <= 1:  # more: a clock running ahead named that file, and waiting for it would not help
+        time.sleep(wait)
 
 
 def _code_block(text: str) -> str:
@@ -421,7 +392,7 @@ class WandbTracker:
         return f"W&B: run {self.run.id} at {self.run.url}" if mode == "online" else f"W&B: {mode}"
 
     def log_config(self, config: dict[str, Any]) -> None:
-        self.run.config.update(json.loads(json.dumps(config, default=str)), allow_val_change=True)
+        self.run.config.update(config, allow_val_change=True)  # W&B turns paths and tuples into JSON itself
 
     def log_record(self, rec: dict[str, Any]) -> None:
         if _record_id(rec) in self.skip:
@@ -443,11 +414,6 @@ class WandbTracker:
         finally:
             if self._lock is not None:
                 self._lock.close()
-
-
-def _new_wandb_id() -> str:
-    """A W&B-style run id: 8 random lowercase letters and digits."""
-    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def _teardown_wandb() -> None:
