@@ -13,14 +13,14 @@ import signal
 import sys
 
 from gpt2.cli import parse
-from gpt2.config import TrainConfig
+from gpt2.config import TrainConfig, train_config
 from gpt2.errors import run_cli
 from gpt2.runlog import ConsoleReporter
 from gpt2.trainer import StopRequest, train
 
 
 def main() -> None:
-    cfg = parse(TrainConfig, prog="train.py", description=__doc__)
+    cfg = parse(TrainConfig, prog="train.py", description=__doc__, factory=train_config)
     stop = StopRequest()
     with stop.catch_signals():
         result = train(cfg, ConsoleReporter(cfg.max_steps, sys.stdout), stop)

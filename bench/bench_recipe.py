@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from gpt2.config import TrainConfig
+from gpt2.config import train_config
 from gpt2.files import atomic_write_text
 from gpt2.prepare import PrepareConfig, prepare
 from gpt2.runlog import JsonlLog
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, data: Path, name: str, fraction: float, **flag
     max_steps = steps_for(args, fraction)
     if flags.get("recipe") == "gpt2":  # the GPT-2 schedule's shape at this length: 715/19073 of it warming up
         flags = {"warmup_steps": max(1, round(max_steps * 715 / 19073)), **flags}
-    cfg = TrainConfig(data=str(data), out=str(out), max_steps=max_steps, resume="never",
+    cfg = train_config(data=str(data), out=str(out), max_steps=max_steps, resume="never",
                       **{**model_flags(args), **flags})  # fmt: skip
     if out.exists():  # a run cut short by an interrupted bench starts again
         for path in out.iterdir():
@@ -134,7 +134,7 @@ def timing(args: argparse.Namespace, data: Path) -> None:
     for compile in (False, True):
         for recipe in ("gpt2", "modern"):
             out = args.work / "timing" / f"{recipe}_{compile}"
-            cfg = TrainConfig(data=str(data), out=str(out), recipe=recipe, max_steps=8, warmup_steps=1, resume="never",
+            cfg = train_config(data=str(data), out=str(out), recipe=recipe, max_steps=8, warmup_steps=1, resume="never",
                               compile=compile, **{**model_flags(args), "eval_every": 0})  # fmt: skip
             if out.exists():
                 for path in out.iterdir():

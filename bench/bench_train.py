@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gpt2.config import GPTConfig, TrainConfig
+from gpt2.config import GPTConfig, gpt2_recipe
 from gpt2.distributed import DistContext, autocast
 from gpt2.metrics import measure_matmul_peak
 from gpt2.model import GPT
@@ -128,7 +128,7 @@ def plain_step_fn(cfg: GPTConfig, batch: tuple[torch.Tensor, torch.Tensor], dtyp
 
 def our_step_fn(cfg: GPTConfig, batch: tuple[torch.Tensor, torch.Tensor], dtype: str, compile: bool):
     model = GPT(cfg)
-    optimizer = build_optimizers(model, TrainConfig(), device_type="cpu")  # the GPT-2 recipe's AdamW
+    optimizer = build_optimizers(model, gpt2_recipe(), device_type="cpu")  # the GPT-2 recipe's AdamW
     runner = torch.compile(model) if compile else model
 
     def step() -> float:

@@ -1,7 +1,4 @@
-"""gpt2: a GPT-2 pretraining pipeline (model, tokenizer, data, training, evaluation)."""
+"""gpt2: a GPT-2 pretraining pipeline (model, tokenizer, data, training, evaluation).
 
-from gpt2.config import GPTConfig
-from gpt2.errors import UserError
-from gpt2.model import GPT
-
-__all__ = ["GPT", "GPTConfig", "UserError"]
+The package imports nothing on import: ``from gpt2.model import GPT``, ``from gpt2.config import train_config``.
+"""

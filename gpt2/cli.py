@@ -56,7 +56,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "(default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+        if "(default" in text or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
             return text
         return text + " (default: %(default)s)"
 
@@ -71,18 +71,26 @@ class _Parser(argparse.ArgumentParser):
 class _Deprecated(argparse.Action):
     """A renamed flag's old spelling: it still works, with a note naming the new one."""
 
-    def __init__(self, option_strings: list[str], dest: str, *, new: str, **kwargs: Any) -> None:
-        self.new = new
+    def __init__(self, option_strings: list[str], dest: str, *, new: str | None, **kwargs: Any) -> None:
+        self.new = new  # None: no note (a parser that only looks at what was given)
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
-        print(f"note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        if self.new is not None:
+            print(f"note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
         setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
 
 
-def build_parser(cls: type, *, prog: str, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one argument per command-line field of the dataclass ``cls``."""
-    parser = _Parser(prog=prog, description=description, formatter_class=_HelpFormatter)
+def build_parser(
+    cls: type, *, prog: str, description: str | None = None, defaults: object | None = None, given_only: bool = False
+) -> argparse.ArgumentParser:
+    """An argparse parser with one argument per command-line field of the dataclass ``cls``.
+
+    ``defaults``: an instance of ``cls`` whose values are the defaults (else the fields' own). ``given_only``: a
+    quiet parser that returns only the flags given (no defaults, no ``--help``, no deprecation notes).
+    """
+    parser = _Parser(prog=prog, description=description, formatter_class=_HelpFormatter, add_help=not given_only,
+                     argument_default=argparse.SUPPRESS if given_only else None)  # fmt: skip
     hints = typing.get_type_hints(cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(cls):
@@ -92,28 +100,36 @@ def build_parser(cls: type, *, prog: str, description: str | None = None) -> arg
         target = parser
         if meta["group"]:
             target = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        _add_argument(target, f, hints[f.name])
+        default = getattr(defaults, f.name) if defaults is not None else _own_default(f)
+        _add_argument(target, f, hints[f.name], argparse.SUPPRESS if given_only else default, notes=not given_only)
     return parser
 
 
-def _add_argument(parser: argparse._ActionsContainer, f: Field, hint: Any) -> None:
+def _own_default(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return MISSING
+
+
+def _add_argument(parser: argparse._ActionsContainer, f: Field, hint: Any, default: Any, notes: bool) -> None:
     meta = f.metadata
     optional = type(None) in typing.get_args(hint)
     base = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint  # X | None -> X
     kwargs: dict[str, Any] = {"help": meta["help"]}
-    if f.default is not MISSING:
-        kwargs["default"] = f.default
-    elif f.default_factory is not MISSING:  # type: ignore[misc]
-        kwargs["default"] = f.default_factory()  # type: ignore[misc]
+    if default is not MISSING:
+        kwargs["default"] = default
     if meta["positional"]:
         kwargs.pop("default", None)
         if f.default is not MISSING:
-            kwargs.update(nargs="?", default=f.default)
+            kwargs.update(nargs="?", default=default)
         parser.add_argument(f.name, type=base, metavar=meta["metavar"] or f.name.upper(), **kwargs)
         return
     names = [flag(f.name)] + ([meta["short"]] if meta["short"] else [])
     if base is bool:
-        action = argparse.BooleanOptionalAction if optional or f.default is True else "store_true"
+        # --x/--no-x where the default may be either (a recipe's, or None for "decided later")
+        action = argparse.BooleanOptionalAction if optional or f.default is not False else "store_true"
         kwargs["action"] = action
     else:
         if typing.get_origin(base) is list:
@@ -129,11 +145,28 @@ def _add_argument(parser: argparse._ActionsContainer, f: Field, hint: Any) -> No
     for alias in meta["aliases"]:
         takes = {"nargs": 0, "const": True} if "action" in kwargs else {
             k: v for k, v in kwargs.items() if k in ("type", "nargs", "metavar", "choices")}  # fmt: skip
-        parser.add_argument(alias, dest=f.name, action=_Deprecated, new=names[0], default=argparse.SUPPRESS,
-                            help=f"deprecated spelling of {names[0]}", **takes)  # fmt: skip
+        parser.add_argument(alias, dest=f.name, action=_Deprecated, new=names[0] if notes else None,
+                            default=argparse.SUPPRESS, help=f"deprecated spelling of {names[0]}", **takes)  # fmt: skip
 
 
-def parse(cls: type[C], argv: Sequence[str] | None = None, *, prog: str, description: str | None = None) -> C:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) into a ``cls`` instance; its ``__post_init__`` validates."""
-    args = build_parser(cls, prog=prog, description=description).parse_args(argv)
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.metadata.get("cli", False)})
+def parse(
+    cls: type[C],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str,
+    description: str | None = None,
+    factory: Callable[..., C] | None = None,
+) -> C:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) into a ``cls`` instance; its ``__post_init__`` validates.
+
+    With a ``factory`` (``gpt2.config.train_config``), the instance is ``factory(**flags given)``: the factory
+    supplies every value not given, and ``--help`` shows the defaults it gives for the flags on the command line
+    (``train.py --recipe modern --help`` shows the modern recipe's).
+    """
+    if factory is None:
+        args = build_parser(cls, prog=prog, description=description).parse_args(argv)
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.metadata.get("cli", False)})
+    given, _ = build_parser(cls, prog=prog, given_only=True).parse_known_args(argv)
+    config = factory(**vars(given))
+    build_parser(cls, prog=prog, description=description, defaults=config).parse_args(argv)  # --help, unknown flags
+    return config

@@ -1,13 +1,18 @@
-"""The training run's configuration: one typed dataclass whose fields are also ``train.py``'s flags.
+"""Typed configurations: the model's architecture (``GPTConfig``), the training run (``TrainConfig``) and the recipes.
 
-Every field ``foo_bar`` is the command-line flag ``--foo-bar`` with the same default (``gpt2.cli``), so a
-run's configuration, its flags and the ``train_config`` saved in its checkpoints all spell things one way.
-The defaults are the GPT-2 124M recipe of the GPT-3 paper as build-nanogpt runs it on FineWeb-Edu 10B.
+A recipe is a function returning a complete ``TrainConfig``: the block, the optimizer and its rates, the schedule,
+the model size. ``train_config(**flags)`` is what ``train.py`` runs: the recipe's config, with the pieces a flag
+selects bringing their own defaults (``--model`` its architecture, and for ``demo`` the run that fits it;
+``--optimizer`` its learning rate; ``--warmup-frac`` in place of ``--warmup-steps``), then the flags themselves.
+Every field ``foo_bar`` is the command-line flag ``--foo-bar`` whose default ``--help`` shows is the recipe's
+(``gpt2.cli``), so a run's configuration, its flags and the ``train_config`` saved in its checkpoints all spell
+things one way. Nothing here builds a model or touches a tracker: validation is of the values alone.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +21,6 @@ from gpt2.cli import flag, option
 from gpt2.distributed import DEVICES, DTYPES
 from gpt2.errors import UserError
 from gpt2.tokenizer import N_VOCAB
-from gpt2.tracking import check_available
 
 
 @dataclass
@@ -104,10 +108,10 @@ MODERN_FIELDS = ("rope_theta", "norm", "qk_norm", "mlp", "tie_embeddings", "zero
 
 
 PRESETS: dict[str, dict[str, int]] = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),  # 1558M
     "demo": dict(n_layer=4, n_head=4, n_embd=64, block_size=64),  # 3.5M, mostly embedding: `make demo` on a CPU
 }
 
@@ -115,115 +119,72 @@ PRESETS: dict[str, dict[str, int]] = {
 PADDED_VOCAB_MULTIPLE = 64  # 50257 -> 50304 rows: aligned matmuls on GPUs, never predicted (logits are cut)
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A named set of defaults: the block, the optimizer and the schedule. ``None`` learning rates of the
-    embeddings, head and gains mean "the same as ``lr``"."""
-
-    rope_theta: float
-    norm: str
-    qk_norm: bool
-    mlp: str
-    tie_embeddings: bool
-    zero_init: bool
-    logit_softcap: float
-    bias: bool
-    optimizer: str
-    lr: float
-    embed_lr: float | None
-    head_lr: float | None
-    gains_lr: float | None
-    min_lr: float
-    schedule: str
-    warmup_steps: int
-    warmup_frac: float | None
-    cooldown_frac: float
-    weight_decay: float
-    beta1: float
-    beta2: float
-    eps: float
-
-    def architecture(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in MODERN_FIELDS}
-
-
-RECIPES = {
-    # GPT-3 Small's recipe as build-nanogpt runs it on FineWeb-Edu: GPT-2's block, AdamW, warmup + cosine to 10%.
-    "gpt2": Recipe(
-        rope_theta=0.0, norm="layernorm", qk_norm=False, mlp="gelu", tie_embeddings=True, zero_init=False,
-        logit_softcap=0.0, bias=True, optimizer="adamw", lr=6e-4, embed_lr=None, head_lr=None, gains_lr=None,
-        min_lr=6e-5, schedule="cosine", warmup_steps=715, warmup_frac=None, cooldown_frac=0.4, weight_decay=0.1,
-        beta1=0.9, beta2=0.95, eps=1e-8,
-    ),
-    # The modded-nanogpt speedrun's main ingredients (see README "Two recipes"; rates from bench/bench_recipe.py).
-    "modern": Recipe(
-        # The logit soft-cap is off: at the measured scale it gained nothing (val 6.4380 with a cap of 15 vs 6.4385
-        # without, 40% budget) and cost 30% of a CPU step (a tanh over every logit); --logit-softcap 15 turns it on.
-        rope_theta=10000.0, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False, zero_init=True,
-        logit_softcap=0.0, bias=False, optimizer="muon", lr=0.02, embed_lr=0.3, head_lr=0.006, gains_lr=None,
-        min_lr=0.0, schedule="wsd", warmup_steps=0, warmup_frac=0.0, cooldown_frac=0.4, weight_decay=0.0,
-        beta1=0.8, beta2=0.95, eps=1e-10,
-    ),
+ADAMW_LR = 6e-4  # GPT-3 Small's AdamW rate (the hidden matrices under --optimizer adamw)
+MUON_LR = 0.02  # torch.optim.Muon's rate for the hidden matrices (the modern recipe's, bench/bench_recipe.py)
+SIZE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # with the block: the architecture
+# Recipe name -> the function returning its complete config (defined below TrainConfig, which they build).
+RECIPES: dict[str, Callable[[], TrainConfig]] = {}
+# What a preset brings besides its architecture: for the demo's tiny model, a run that fits it on a CPU.
+PRESET_RUNS: dict[str, dict[str, int]] = {
+    "demo": dict(seq_len=64, micro_batch=16, batch_tokens=2048, max_steps=200, warmup_steps=10, eval_every=50,
+                 val_tokens=16384, save_every=50, sample_every=100),
 }  # fmt: skip
-RECIPE_FIELDS = tuple(f.name for f in fields(Recipe) if f.name not in ("warmup_steps", "warmup_frac"))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
-    """Everything a training run depends on. ``None`` means "the model's or device's own value"."""
+    """Everything a training run depends on. The fields without a default are the recipe's: build a config with
+    a recipe (``RECIPES``) or ``train_config``, not by hand."""
 
     data: str = option("data/fineweb_edu10B", "directory of token shards written by prepare_fineweb.py")
     out: str = option("runs/gpt2-124m", "run directory: checkpoints and log.jsonl")
     recipe: str = option(
-        "gpt2", "named defaults: gpt2 (GPT-3 Small's recipe: AdamW, cosine) or modern (Muon, rotary, QK-norm, ReLU², "
-        "untied head, zero-initialised projections, warmup-stable-decay); a flag marked 'recipe' overrides one piece",
-        choices=list(RECIPES),
+        "gpt2", "named defaults for every flag below marked 'recipe': gpt2 (GPT-3 Small's recipe: AdamW, cosine) or "
+        "modern (Muon, rotary, QK-norm, ReLU², untied head, zero-initialised projections, warmup-stable-decay); "
+        "'--recipe NAME --help' shows NAME's defaults", choices=RECIPES,
     )  # fmt: skip
-    model: str = option("gpt2", "architecture preset (size)", choices=list(PRESETS))
-    n_layer: int | None = option(None, "override the preset's number of layers")
-    n_head: int | None = option(None, "override the preset's number of attention heads")
-    n_embd: int | None = option(None, "override the preset's width")
-    vocab_size: int | None = option(
-        None, "override the vocabulary size (GPT-2 BPE: 50257; the embedding is padded to a multiple of 64)"
-    )
-    block_size: int | None = option(None, "override the context length the model supports (preset: 1024)")
-    rope_theta: float | None = option(None, "rotary position embeddings with this base; 0: learned positions (recipe)")
-    norm: str | None = option(None, "layernorm or rmsnorm (parameter-free, also on the embedding) (recipe)",
-                              choices=NORMS)  # fmt: skip
-    qk_norm: bool | None = option(None, "RMS-normalise queries and keys per head (recipe)")
-    mlp: str | None = option(None, "MLP activation: gelu (tanh) or relu2 (recipe)", choices=MLPS)
-    tie_embeddings: bool | None = option(None, "the output head shares the token embedding (recipe)")
-    zero_init: bool | None = option(None, "zero-initialise the residual output projections and an untied head (recipe)")
-    logit_softcap: float | None = option(None, "logits = cap * tanh(logits / cap); 0: off (recipe)")
-    bias: bool | None = option(None, "biases in linear layers and LayerNorms (recipe)")
+    model: str = option(
+        "gpt2", "architecture preset: sets --n-layer, --n-head, --n-embd and --block-size (demo: also a run that "
+        "fits it on a CPU: --seq-len, --micro-batch, --batch-tokens, --max-steps, ...)", choices=list(PRESETS),
+    )  # fmt: skip
+    n_layer: int = option(help="transformer blocks (model)")
+    n_head: int = option(help="attention heads (model)")
+    n_embd: int = option(help="width of the residual stream (model)")
+    block_size: int = option(help="the longest context the model supports (model)")
+    vocab_size: int = option(N_VOCAB, "ids the model reads and predicts (the embedding is padded to a multiple of 64)")
+    rope_theta: float = option(help="rotary position embeddings with this base; 0: learned positions (recipe)")
+    norm: str = option(help="layernorm, or rmsnorm (parameter-free, also on the embedding) (recipe)", choices=NORMS)
+    qk_norm: bool = option(help="RMS-normalise queries and keys per head (recipe)")
+    mlp: str = option(help="MLP activation: gelu (tanh) or relu2 (recipe)", choices=MLPS)
+    tie_embeddings: bool = option(help="the output head shares the token embedding (recipe)")
+    zero_init: bool = option(help="zero-initialise the residual output projections and an untied head (recipe)")
+    logit_softcap: float = option(help="logits = cap * tanh(logits / cap); 0: off (recipe)")
+    bias: bool = option(help="biases in linear layers and LayerNorms (recipe)")
     init_from: str | None = option(None, "start from pretrained weights: a hub id (gpt2 ... gpt2-xl) or a HF directory")
     seq_len: int = option(1024, "tokens per training sequence")
     micro_batch: int = option(64, "sequences per forward/backward on each process")
     batch_tokens: int = option(524288, "tokens per optimizer step over all processes (2**19, as in GPT-3 Small)")
     max_steps: int = option(19073, "optimizer steps (19073 x 524288 tokens = one epoch of FineWeb-Edu 10B)")
-    optimizer: str | None = option(
-        None, "adamw: AdamW for everything; muon: Muon for the hidden matrices, AdamW for the rest (recipe)",
-        choices=OPTIMIZERS,
+    optimizer: str = option(
+        help=f"adamw: AdamW for everything; muon: Muon for the hidden matrices, AdamW for the rest; one other than "
+        f"the recipe's brings its own --lr (adamw {ADAMW_LR:g}, muon {MUON_LR:g}; --min-lr keeps its fraction of "
+        f"--lr, and AdamW's other groups keep their rates) (recipe)", choices=OPTIMIZERS,
     )  # fmt: skip
-    lr: float | None = option(None, "peak learning rate of the hidden matrices (recipe: gpt2 6e-4, modern 0.02)")
-    embed_lr: float | None = option(None, "peak learning rate of the embeddings (recipe: gpt2 --lr, modern 0.3)")
-    head_lr: float | None = option(None, "peak learning rate of an untied head (recipe: gpt2 --lr, modern 0.006)")
-    gains_lr: float | None = option(None, "peak learning rate of biases and norm gains (recipe: --lr, modern 0.02)")
-    min_lr: float | None = option(
-        None, "--lr at the end of the schedule; other groups end at the same fraction (recipe: 6e-5, modern 0)"
+    lr: float = option(help="peak learning rate of the hidden matrices (recipe)")
+    embed_lr: float | None = option(help="peak learning rate of the embeddings (recipe; unset: --lr)")
+    head_lr: float | None = option(help="peak learning rate of an untied head (recipe; unset: --lr)")
+    gains_lr: float | None = option(help="peak learning rate of biases and norm gains (recipe; unset: --lr)")
+    min_lr: float = option(help="--lr at the end of the schedule; other groups end at the same fraction (recipe)")
+    schedule: str = option(
+        help="cosine: warmup then cosine decay; wsd: warmup, constant, linear cooldown (recipe)", choices=SCHEDULES
     )
-    schedule: str | None = option(
-        None, "cosine: warmup then cosine decay; wsd: warmup, constant, linear cooldown (recipe)", choices=SCHEDULES
-    )
-    warmup_steps: int | None = option(None, "steps of linear learning-rate warmup (recipe: gpt2 715)")
-    warmup_frac: float | None = option(None, "warmup as a fraction of --max-steps, unless --warmup-steps (modern 0)")
-    cooldown_frac: float | None = option(None, "wsd: the last fraction of --max-steps decays to --min-lr (0.4)")
-    weight_decay: float | None = option(None, "decoupled weight decay on matrices and embeddings (recipe: 0.1, 0)")
-    beta1: float | None = option(None, "AdamW beta1 (recipe: 0.9, modern 0.8)")
-    beta2: float | None = option(None, "AdamW beta2 (recipe: 0.95)")
-    eps: float | None = option(None, "AdamW epsilon (recipe: 1e-8, modern 1e-10)")
+    warmup_steps: int | None = option(help="steps of linear learning-rate warmup (recipe)")
+    warmup_frac: float | None = option(help="warmup as a fraction of --max-steps, in place of --warmup-steps (recipe)")
+    cooldown_frac: float = option(help="wsd: the last fraction of --max-steps decays to --min-lr (recipe)")
+    weight_decay: float = option(help="decoupled weight decay on matrices and embeddings (recipe)")
+    beta1: float = option(help="AdamW beta1 (recipe)")
+    beta2: float = option(help="AdamW beta2 (recipe)")
+    eps: float = option(help="AdamW epsilon (recipe)")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
     seed: int = option(1337, "seed for the model's initialization and the data order")
     device: str = option("auto", "auto: CUDA when present, else CPU", choices=DEVICES)
@@ -259,86 +220,54 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        self._apply_recipe()
-        positive = ("seq_len", "micro_batch", "batch_tokens", "max_steps", "num_samples", "max_new_tokens")
-        non_negative = (
-            "warmup_steps",
-            "eval_every",
-            "val_tokens",
-            "sample_every",
-            "hellaswag_every",
-            "save_every",
-            "keep_last",
-            "seed",
-            "grad_clip",
-            "weight_decay",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"{flag(name)} must be positive, got {getattr(self, name)}")
+        positive = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "seq_len", "micro_batch",
+                    "batch_tokens", "max_steps", "num_samples", "max_new_tokens", "lr")  # fmt: skip
+        non_negative = ("warmup_steps", "eval_every", "val_tokens", "sample_every", "hellaswag_every",
+                        "save_every", "keep_last", "seed", "grad_clip", "weight_decay", "min_lr", "rope_theta",
+                        "logit_softcap")  # fmt: skip
+        for name in positive + ("embed_lr", "head_lr", "gains_lr", "hellaswag_limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"{flag(name)} must be positive, got {value}")
         for name in non_negative:
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise UserError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
-        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "hellaswag_limit"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UserError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "embed_lr", "head_lr", "gains_lr"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise UserError(f"need 0 <= --min-lr <= --lr, got --min-lr {self.min_lr} and --lr {self.lr}")
+        for name, allowed in (("recipe", RECIPES), ("model", PRESETS), ("norm", NORMS), ("mlp", MLPS),
+                              ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("device", DEVICES),
+                              ("dtype", DTYPES)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise UserError(f"unknown {flag(name)} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if self.min_lr > self.lr:
+            raise UserError(f"need --min-lr <= --lr, got --min-lr {self.min_lr} and --lr {self.lr}")
+        if (self.warmup_steps is None) == (self.warmup_frac is None):
+            raise UserError("give the warmup as --warmup-steps or as --warmup-frac, not both")
         if not (0 <= (self.warmup_frac or 0) <= 1 and 0 <= self.cooldown_frac <= 1):
             raise UserError("--warmup-frac and --cooldown-frac are fractions of --max-steps: between 0 and 1")
-        if self.warmup_steps > self.max_steps:
-            raise UserError(f"--warmup-steps {self.warmup_steps} exceeds --max-steps {self.max_steps}")
+        if self.warmup() > self.max_steps:
+            raise UserError(f"--warmup-steps {self.warmup()} exceeds --max-steps {self.max_steps}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
             raise UserError("AdamW needs 0 <= --beta1, --beta2 < 1 and --eps > 0")
-        if self.model not in PRESETS:
-            raise UserError(f"unknown --model {self.model!r}; choose one of {', '.join(PRESETS)}")
-        if self.device not in DEVICES:
-            raise UserError(f"unknown --device {self.device!r}; choose one of {', '.join(DEVICES)}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.init_from is not None and any(getattr(self, n) is not None for n in ARCH_OVERRIDES):
-            raise UserError("--init-from takes the pretrained model's architecture; drop the architecture overrides")
-        if self.init_from is not None and self.architecture() != RECIPES["gpt2"].architecture():
+        if self.init_from is not None and self.architecture() != GPT2_BLOCK:
             raise UserError("--init-from loads OpenAI's GPT-2 architecture; use --recipe gpt2 without block changes")
         self.peak_flops()  # validates --peak-tflops
-        check_available(wandb=self.wandb is not None, tensorboard=self.tensorboard is not None)
-        if self.init_from is None:
-            self.model_config()  # validates the architecture (e.g. --n-embd divisible by --n-head)
 
-    def _apply_recipe(self) -> None:
-        """Fill every field left at None with the recipe's value (warmup: steps, or a fraction of the run)."""
-        if self.recipe not in RECIPES:
-            raise UserError(f"unknown --recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
-        recipe = RECIPES[self.recipe]
-        for name in RECIPE_FIELDS:
-            if getattr(self, name) is None:
-                setattr(self, name, getattr(recipe, name))
-        for name in ("embed_lr", "head_lr", "gains_lr"):  # None in a recipe: the same as --lr
-            if getattr(self, name) is None:
-                setattr(self, name, self.lr)
-        if self.warmup_steps is None:
-            self.warmup_steps = (
-                recipe.warmup_steps if self.warmup_frac is None else round(self.warmup_frac * self.max_steps)
-            )
+    def warmup(self) -> int:
+        """Warmup steps of this run: ``--warmup-steps``, or ``--warmup-frac`` of ``--max-steps``."""
+        return self.warmup_steps if self.warmup_steps is not None else round(self.warmup_frac * self.max_steps)
 
     def architecture(self) -> dict[str, Any]:
         """The block's switches (rotary, norm, ...) as ``GPTConfig`` fields."""
         return {name: getattr(self, name) for name in MODERN_FIELDS}
 
     def model_config(self) -> GPTConfig:
-        """The architecture to train from scratch: the preset, the overrides, the recipe's block, the vocabulary
-        padded to 64."""
-        overrides = {n: getattr(self, n) for n in ARCH_OVERRIDES if getattr(self, n) is not None}
+        """The architecture to train from scratch, its vocabulary padded to 64 (the rows past the tokenizer's ids
+        are padding: never predicted)."""
+        size = {name: getattr(self, name) for name in SIZE_FIELDS}
         try:
-            config = GPTConfig.preset(
-                self.model, vocab_multiple=PADDED_VOCAB_MULTIPLE, **overrides, **self.architecture()
-            )
+            config = GPTConfig(**size, **self.architecture(), vocab_multiple=PADDED_VOCAB_MULTIPLE)
         except ValueError as e:
             raise UserError(f"invalid architecture: {e}") from None
-        return config.limit_vocab(N_VOCAB)  # ids past the tokenizer's would be padding: never predicted
+        return config.limit_vocab(N_VOCAB)
 
     def tensorboard_dir(self) -> Path | None:
         """Where ``--tensorboard`` writes: its DIR, or ``<out>/tb`` when given alone; None when off."""
@@ -365,4 +294,82 @@ class TrainConfig:
         return asdict(self)
 
 
-ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+# ----------------------------------------------------------------------------------------------------------------------
+# Recipes and the pieces a flag selects
+
+GPT2_BLOCK = {f.name: f.default for f in fields(GPTConfig) if f.name in MODERN_FIELDS}
+MODERN_BLOCK = dict(rope_theta=10000.0, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
+                    zero_init=True, logit_softcap=0.0, bias=False)  # fmt: skip
+
+
+def gpt2_recipe() -> TrainConfig:
+    """GPT-3 Small's recipe as build-nanogpt runs it on FineWeb-Edu 10B: GPT-2's block (learned positions,
+    LayerNorm, GELU, tied head, biases); AdamW (0.9, 0.95, eps 1e-8, weight decay 0.1) at 6e-4 on every group;
+    715 warmup steps, then cosine to 10%."""
+    return TrainConfig(
+        recipe="gpt2", **PRESETS["gpt2"], **GPT2_BLOCK, optimizer="adamw", lr=ADAMW_LR, embed_lr=None, head_lr=None,
+        gains_lr=None, min_lr=6e-5, schedule="cosine", warmup_steps=715, warmup_frac=None, cooldown_frac=0.4,
+        weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8,
+    )  # fmt: skip
+
+
+def modern_v1_recipe() -> TrainConfig:
+    """The 2024 subset of the modded-nanogpt speedrun (README "Two recipes"; rates from bench/bench_recipe.py):
+    rotary, RMSNorm (also on the embedding), QK-norm, ReLU², an untied zero-initialised head, zero-initialised
+    output projections, no biases; ``torch.optim.Muon`` at 0.02 for the hidden matrices, AdamW (0.8, 0.95, eps
+    1e-10, no weight decay) at 0.3 for the embedding and 0.006 for the head; no warmup, constant, and a linear
+    cooldown to 0 over the last 40% of the run. The logit soft-cap is off: at the measured scale it gained nothing
+    (val 6.4380 with a cap of 15 vs 6.4385 without, 40% budget) and cost 30% of a CPU step."""
+    return replace(
+        gpt2_recipe(), recipe="modern-v1", **MODERN_BLOCK, optimizer="muon", lr=MUON_LR, embed_lr=0.3, head_lr=0.006,
+        min_lr=0.0, schedule="wsd", warmup_steps=0, weight_decay=0.0, beta1=0.8, eps=1e-10,
+    )  # fmt: skip
+
+
+def modern_recipe() -> TrainConfig:
+    """The modern recipe: for now the same as ``modern-v1``."""
+    return replace(modern_v1_recipe(), recipe="modern")
+
+
+RECIPES.update({"gpt2": gpt2_recipe, "modern": modern_recipe, "modern-v1": modern_v1_recipe})
+
+
+def with_model(cfg: TrainConfig, model: str) -> TrainConfig:
+    """``cfg`` with the preset's architecture, and the run a preset like ``demo`` brings."""
+    if model not in PRESETS:
+        raise UserError(f"unknown --model {model!r}; choose one of {', '.join(PRESETS)}")
+    return replace(cfg, model=model, **PRESETS[model], **PRESET_RUNS.get(model, {}))
+
+
+def with_optimizer(cfg: TrainConfig, optimizer: str) -> TrainConfig:
+    """``cfg`` with the hidden matrices under ``optimizer`` at that optimizer's own rate; the schedule ends at the
+    same fraction of it, and the groups AdamW keeps (embeddings, head, gains) keep the rates they had."""
+    if optimizer == cfg.optimizer:
+        return cfg
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown --optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    lr = {"adamw": ADAMW_LR, "muon": MUON_LR}[optimizer]
+    kept = {name: getattr(cfg, name) or cfg.lr for name in ("embed_lr", "head_lr", "gains_lr")}
+    return replace(cfg, optimizer=optimizer, lr=lr, min_lr=cfg.min_lr / cfg.lr * lr, **kept)
+
+
+def train_config(**flags: Any) -> TrainConfig:
+    """The configuration of ``train.py`` with these flags (config field names): the recipe's (``recipe``, default
+    gpt2), then the pieces the flags select with their own defaults (``model``: the preset; ``optimizer``: its
+    rate; ``warmup_frac`` or ``warmup_steps``: the other is unset), then the flags themselves."""
+    recipe = flags.get("recipe", "gpt2")
+    if recipe not in RECIPES:
+        raise UserError(f"unknown --recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    cfg = RECIPES[recipe]()
+    if "model" in flags:
+        cfg = with_model(cfg, flags["model"])
+    if "optimizer" in flags:
+        cfg = with_optimizer(cfg, flags["optimizer"])
+    if flags.get("init_from") is not None:
+        given = [flag(name) for name in ("model", *SIZE_FIELDS) if name in flags]
+        if given:
+            raise UserError(f"--init-from takes the pretrained model's architecture; drop {', '.join(given)}")
+    for given, other in (("warmup_frac", "warmup_steps"), ("warmup_steps", "warmup_frac")):
+        if flags.get(given) is not None and other not in flags:
+            flags = {**flags, other: None}
+    return replace(cfg, **flags)

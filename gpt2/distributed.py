@@ -71,8 +71,14 @@ def init_distributed(device: str = "auto") -> DistContext:
         return DistContext(device=device_type)
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device_type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} are visible")
+        # Checked against the node's process count, not this rank's index, so that every rank of the node fails
+        # alike and the job reports the error once (gpt2.errors).
+        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)), torch.cuda.device_count()
+        if processes > gpus:
+            raise UserError(
+                f"torchrun starts {processes} processes on this node but only {gpus} GPUs are visible; "
+                f"use --nproc_per_node={gpus}"
+            )
         device_name = f"cuda:{local_rank}"
         torch.cuda.set_device(device_name)
         backend = "nccl"

@@ -151,10 +151,11 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device_type: str) -> Optimize
     and the gains, which are not matrices acting on the residual stream. Both see the all-reduced gradient:
     DDP averages it during backward, before any step.
     """
+    rate = lambda lr: cfg.lr if lr is None else lr  # noqa: E731 - a group without its own rate takes --lr
     adam_specs = {
-        "embeddings": GroupSpec(cfg.embed_lr, cfg.weight_decay),
-        "head": GroupSpec(cfg.head_lr, cfg.weight_decay),
-        "gains": GroupSpec(cfg.gains_lr, 0.0),
+        "embeddings": GroupSpec(rate(cfg.embed_lr), cfg.weight_decay),
+        "head": GroupSpec(rate(cfg.head_lr), cfg.weight_decay),
+        "gains": GroupSpec(rate(cfg.gains_lr), 0.0),
     }
     if cfg.optimizer == "adamw":
         adam_specs["matrices"] = GroupSpec(cfg.lr, cfg.weight_decay)

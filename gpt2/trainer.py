@@ -57,7 +57,7 @@ from gpt2.runlog import LOG_FILE, JsonlLog, Reporter
 from gpt2.sample import sample_text
 from gpt2.schedule import lr_multiplier
 from gpt2.tokenizer import get_encoding
-from gpt2.tracking import Trackers, open_trackers
+from gpt2.tracking import Trackers, check_available, open_trackers
 
 OTHER_STOP = 1000  # a stop requested by code rather than by a signal (signal numbers are smaller)
 
@@ -315,7 +315,11 @@ class Trainer:
         self.reporter = reporter if ctx.is_main else None
         self.out = Path(cfg.out)
 
-        list_shards(cfg.data, "train")  # missing data: fail before building anything
+        # What can be checked before building anything: the data, the trackers' packages, the architecture.
+        list_shards(cfg.data, "train")
+        check_available(wandb=cfg.wandb is not None, tensorboard=cfg.tensorboard is not None)
+        if cfg.init_from is None:
+            cfg.model_config()
         resume = find_resume_checkpoint(cfg, self.say)
         barrier(ctx)  # every rank has looked at --out before rank 0 writes into it
         ckpt_path, ckpt = resume if resume else (None, None)
@@ -449,7 +453,7 @@ class Trainer:
     def _train(self, step: int) -> None:
         cfg = self.cfg
         multiplier = lr_multiplier(
-            step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr / cfg.lr,
+            step, warmup_steps=cfg.warmup(), max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr / cfg.lr,
             schedule=cfg.schedule, cooldown_frac=cfg.cooldown_frac,
         )  # fmt: skip
         t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from gpt2.config import GPTConfig, TrainConfig
+from gpt2.config import GPTConfig, TrainConfig, train_config
 from gpt2.hellaswag import Example
 from gpt2.model import GPT
 from gpt2.tokenizer import get_encoding
@@ -83,7 +83,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
-    return TrainConfig(data=str(data), out=str(out), **{**TINY, **overrides})
+    return train_config(data=str(data), out=str(out), **{**TINY, **overrides})
 
 
 def cli_flags(data: Path, out: Path, **overrides) -> list[str]:

@@ -14,9 +14,10 @@ import torch.distributed as dist
 from support import tiny_model
 
 from gpt2 import distributed, metrics, trainer
-from gpt2.config import TrainConfig
+from gpt2.config import train_config
 from gpt2.data import TrainLoader
 from gpt2.distributed import DistContext, enable_tf32, init_distributed, peak_memory_gib
+from gpt2.errors import UserError
 from gpt2.runlog import ConsoleReporter
 from gpt2.trainer import RngState, Trainer
 
@@ -51,8 +52,11 @@ def test_process_group_binds_the_local_gpu_before_it_starts(monkeypatch):
     assert kwargs["backend"] == "nccl" and kwargs["device_id"] == torch.device("cuda:1")
     assert kwargs["timeout"] == distributed.COLLECTIVE_TIMEOUT and kwargs["timeout"].total_seconds() >= 1800
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(Exception, match="local rank 1 has no GPU: only 1 are visible"):
-        init_distributed("cuda")
+    for rank in ("0", "1"):  # every rank of the node sees it: the job reports it once
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        with pytest.raises(UserError, match="torchrun starts 2 processes on this node but only 1 GPUs are visible"):
+            init_distributed("cuda")
 
 
 def test_ddp_gets_the_local_gpu_and_bucket_view_gradients(monkeypatch):
@@ -65,7 +69,7 @@ def test_ddp_gets_the_local_gpu_and_bucket_view_gradients(monkeypatch):
     monkeypatch.setattr(trainer, "DDP", fake_ddp)
     monkeypatch.setattr(trainer, "enable_tf32", lambda device_type: seen.update(tf32=device_type))
     run = types.SimpleNamespace(
-        cfg=TrainConfig(compile=False), model=tiny_model(), ctx=DistContext(rank=1, local_rank=1, world_size=2,
+        cfg=train_config(compile=False), model=tiny_model(), ctx=DistContext(rank=1, local_rank=1, world_size=2,
                                                                             device="cuda:1"),
     )  # fmt: skip
     Trainer._wrap_model(run)

@@ -26,7 +26,7 @@ from support import (
 from torch.nn import functional as F
 
 from gpt2.checkpoint import load_model, model_payload, save_checkpoint
-from gpt2.config import RECIPES, GPTConfig, TrainConfig
+from gpt2.config import MODERN_BLOCK, GPTConfig, train_config
 from gpt2.distributed import DistContext
 from gpt2.errors import UserError
 from gpt2.hellaswag import evaluate, load_examples
@@ -36,8 +36,6 @@ from gpt2.optim import build_optimizers
 from gpt2.sample import generate
 from gpt2.schedule import lr_multiplier
 from gpt2.trainer import StopRequest, train
-
-MODERN_BLOCK = RECIPES["modern"].architecture()
 
 
 def modern_model(seed: int = 0, **overrides) -> GPT:
@@ -135,9 +133,9 @@ def test_wsd_warms_up_holds_and_cools_down_to_the_end_of_any_budget():
     assert values[:cooldown] == [1.0] * cooldown
     assert all(a > b for a, b in zip(values[cooldown:], values[cooldown + 1 :]))
     assert values[107] == pytest.approx(1 / (108 - cooldown)) and values[108] == 0.0  # fully decayed at the end
-    cfg = TrainConfig(recipe="modern", max_steps=108)
-    assert (cfg.warmup_steps, cfg.schedule, cfg.cooldown_frac, cfg.min_lr) == (0, "wsd", 0.4, 0.0)
-    assert TrainConfig(recipe="modern", max_steps=200, warmup_frac=0.05).warmup_steps == 10
+    cfg = train_config(recipe="modern", max_steps=108)
+    assert (cfg.warmup(), cfg.schedule, cfg.cooldown_frac, cfg.min_lr) == (0, "wsd", 0.4, 0.0)
+    assert train_config(recipe="modern", max_steps=200, warmup_frac=0.05).warmup() == 10
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -213,9 +211,9 @@ def test_unknown_recipe_odd_rotary_head_and_exporting_a_modern_model_are_clear_e
     bad = run_python("train.py", "--recipe", "llama")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "invalid choice: 'llama'" in bad.stderr
     with pytest.raises(UserError, match="unknown --recipe 'llama'"):
-        TrainConfig(recipe="llama")
+        train_config(recipe="llama")
     with pytest.raises(UserError, match="rotary embeddings need an even head dimension, got 9"):
-        TrainConfig(recipe="modern", n_embd=18, n_head=2)
+        train_config(recipe="modern", n_embd=18, n_head=2).model_config()
     with pytest.raises(ValueError, match="even head dimension"):
         GPTConfig(n_embd=18, n_head=2, rope_theta=10000.0)
     with pytest.raises(UserError, match=r"GPT2LMHeadModel cannot hold this architecture \(rope_theta=10000.0, "):

@@ -30,7 +30,7 @@ from support import (
 
 from gpt2 import cli
 from gpt2.checkpoint import load_checkpoint, load_model, model_payload, save_checkpoint
-from gpt2.config import TrainConfig
+from gpt2.config import train_config
 from gpt2.data import ValLoader
 from gpt2.distributed import DistContext
 from gpt2.hellaswag import EvalConfig, evaluate, load_examples
@@ -90,13 +90,13 @@ def assert_same_weights(path: Path, reference: Path) -> None:
 
 def test_default_run_is_bit_identical_to_the_previous_release(tmp_path):
     golden = golden_outputs()
-    train(TrainConfig(data=str(GOLDEN / "data"), out=str(tmp_path), **GOLDEN_RUN))
+    train(train_config(data=str(GOLDEN / "data"), out=str(tmp_path), **GOLDEN_RUN))
     assert_same_history(read_log(tmp_path / "log.jsonl"), read_log(golden / "run" / "log.jsonl"))
     assert_same_weights(tmp_path / "ckpt_000010.pt", golden / "run" / "ckpt_000010.pt")
 
 
 def test_default_run_in_bf16_stays_within_bf16_rounding_of_the_previous_release(tmp_path):
-    train(TrainConfig(data=str(GOLDEN / "data"), out=str(tmp_path), **{**GOLDEN_RUN, "dtype": "bf16"}))
+    train(train_config(data=str(GOLDEN / "data"), out=str(tmp_path), **{**GOLDEN_RUN, "dtype": "bf16"}))
     new = read_log(tmp_path / "log.jsonl")
     for golden in golden_output_sets():  # within rounding of every machine's
         old = read_log(golden / "run_bf16_log.jsonl")
@@ -109,7 +109,7 @@ def test_a_previous_release_checkpoint_resumes_bit_identically(tmp_path):
     golden = golden_outputs()
     old = golden / "run" / "ckpt_000005.pt"
     assert "progress" not in load_checkpoint(old)  # the v0.1 layout: top-level step/val_loss, one AdamW state
-    train(TrainConfig(data=str(GOLDEN / "data"), out=str(tmp_path), resume=str(old), **GOLDEN_RUN))
+    train(train_config(data=str(GOLDEN / "data"), out=str(tmp_path), resume=str(old), **GOLDEN_RUN))
     history = [r for r in read_log(golden / "run" / "log.jsonl") if r["step"] > 5 or r["kind"] == "train"]
     assert_same_history(read_log(tmp_path / "log.jsonl"), [r for r in history if r["step"] >= 5])
     assert_same_weights(tmp_path / "ckpt_000010.pt", golden / "run" / "ckpt_000010.pt")
@@ -163,7 +163,7 @@ def test_an_architecture_change_in_the_model_reaches_training_validation_hellasw
         x, y = next(iter(val))
         _, direct = model(x, y)  # the model's forward, as the change defines it
         hellaswag = evaluate(model, examples, DistContext(), batch_size=4, dtype="fp32", keep_predictions=True)
-        train(TrainConfig(data=str(data), out=str(out), **run))
+        train(train_config(data=str(data), out=str(out), **run))
         return {
             "val": evaluate_loss(model, ValLoader(data, 32, 32 * 4, 4, vocab_size=N_VOCAB), DistContext(), "fp32"),
             "direct_val": direct.item(),

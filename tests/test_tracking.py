@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from support import write_shards
 
-from gpt2.config import TrainConfig
+from gpt2.config import TrainConfig, train_config
 from gpt2.errors import UserError
 from gpt2.runlog import JsonlLog
 from gpt2.tracking import (
@@ -573,7 +573,7 @@ def tiny_run(data: Path, out: Path, **overrides: Any) -> TrainConfig:
                     batch_tokens=32, max_steps=8, warmup_steps=2, eval_every=2, val_tokens=256, sample_every=4,
                     max_new_tokens=4, sample_prompt="a", save_every=5, device="cpu", dtype="fp32", compile=False,
                     peak_tflops="none")  # fmt: skip
-    return TrainConfig(data=str(data), out=str(out), **{**settings, **overrides})
+    return train_config(data=str(data), out=str(out), **{**settings, **overrides})
 
 
 class StopAfter:
@@ -633,5 +633,7 @@ def test_tracking_flags_without_the_extra_stop_before_training(monkeypatch: pyte
         return real(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", without_tensorboard)
+    data = write_shards(tmp_path / "data", np.arange(512) % 256, [np.arange(4096) % 256])
     with pytest.raises(UserError, match=r'pip install -e "\.\[track\]"'):
-        tiny_run(tmp_path, tmp_path / "out", tensorboard="")
+        train(tiny_run(data, tmp_path / "out", tensorboard=""))
+    assert not (tmp_path / "out").exists()  # stopped before anything was written

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import ONE_THREAD, ROOT, Capture, cli_flags, losses, read_log, run_python, tiny, write_shards
+from support import ONE_THREAD, ROOT, TINY, Capture, cli_flags, losses, read_log, run_python, tiny, write_shards
 
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model
-from gpt2.cli import parse
-from gpt2.config import TrainConfig
+from gpt2.config import SIZE_FIELDS, train_config
 from gpt2.data import ValLoader
 from gpt2.errors import UserError
 from gpt2.metrics import datasheet_peak, device_peak, mfu
@@ -59,37 +58,14 @@ def test_lr_schedule_warms_up_linearly_then_follows_the_cosine_to_min_lr():
     assert all(a > b for a, b in zip(decay, decay[1:]))
 
 
-def test_defaults_are_the_gpt2_124m_recipe_and_flags_mirror_the_config():
-    cfg = parse(TrainConfig, [], prog="train.py")
-    assert cfg == TrainConfig()
-    expected = dict(
-        model="gpt2", seq_len=1024, micro_batch=64, batch_tokens=524288, max_steps=19073, warmup_steps=715,
-        lr=6e-4, min_lr=6e-5, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0, seed=1337,
-        data="data/fineweb_edu10B", out="runs/gpt2-124m", device="auto", dtype="bf16", eval_every=250,
-        save_every=5000, resume="auto",
-    )  # fmt: skip
-    assert {k: getattr(cfg, k) for k in expected} == expected
-    arch = cfg.model_config()
-    assert (arch.n_layer, arch.n_head, arch.n_embd, arch.vocab_size, arch.padded_vocab_size) == (
-        12,
-        12,
-        768,
-        50257,
-        50304,
-    )
-    assert cfg.use_compile("cuda") and not cfg.use_compile("cpu")
-    cfg = parse(TrainConfig, ["--seq-len", "256", "--micro-batch", "4", "--no-compile", "--n-layer", "3"], prog="t")
-    assert (cfg.seq_len, cfg.micro_batch, cfg.compile, cfg.n_layer, cfg.model_config().n_layer) == (256, 4, False, 3, 3)
-
-
 def test_mfu_is_flops_per_token_times_throughput_over_peak():
     assert mfu(6e8, 1e5, 1.2e14) == pytest.approx(0.5)
     assert mfu(6e8, 1e5, None) is None
     assert datasheet_peak("cpu") is None
     assert device_peak("cpu", 3e12) == 3e12 and device_peak("cpu", None) is None
-    assert TrainConfig(peak_tflops="989").peak_flops() == 989e12
+    assert train_config(peak_tflops="989").peak_flops() == 989e12
     with pytest.raises(UserError, match="--peak-tflops"):
-        TrainConfig(peak_tflops="fast")
+        train_config(peak_tflops="fast")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -316,19 +292,9 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(synthetic: P
     pretrained = GPT(GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=2, n_embd=32))
     export_hf(pretrained, tmp_path / "hf")
     cap = Capture()
-    arch = dict(n_layer=None, n_head=None, n_embd=None, block_size=None, vocab_size=None)
-    train(
-        tiny(
-            synthetic,
-            tmp_path / "run",
-            **arch,
-            init_from=str(tmp_path / "hf"),
-            max_steps=1,
-            warmup_steps=1,
-            eval_every=1,
-        ),
-        cap,
-    )
+    run = {k: v for k, v in TINY.items() if k not in SIZE_FIELDS}  # the architecture is the pretrained model's
+    run.update(init_from=str(tmp_path / "hf"), max_steps=1, warmup_steps=1, eval_every=1)
+    train(train_config(data=str(synthetic), out=str(tmp_path / "run"), **run), cap)
     expected = evaluate_loss(pretrained, ValLoader(synthetic, 32, 1024, 2, vocab_size=300), DistContext(), "fp32")
     assert losses(cap.records, "val")[0] == pytest.approx(expected, rel=1e-6)
     config = load_checkpoint(tmp_path / "run" / "ckpt_000001.pt")["config"]
