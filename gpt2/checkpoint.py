@@ -1,18 +1,22 @@
 """Checkpoints: one format shared by the trainer, the evaluator, export and sampling.
 
-A checkpoint is a ``torch.save`` dict that ``torch.load(..., weights_only=True)`` reads:
-``"model"`` (state dict with GPT-2 names, no ``_orig_mod.``/``module.`` prefixes), ``"config"``
-(the ``GPTConfig`` fields as a plain dict) and ``"step"`` (optimizer steps taken), plus the trainer's
-run state: one entry per stateful component (``optimizer``, ``loader``, ``rng``, ``progress``), each
-its ``state_dict()``, and ``train_config``. Files are ``<run>/ckpt_<step:06d>.pt``, written atomically.
+A checkpoint is a ``torch.save`` dict that ``torch.load(..., weights_only=True)`` reads: ``"format"`` (the layout's
+version, ``FORMAT_VERSION``), ``"model"`` (state dict with GPT-2 names, no ``_orig_mod.``/``module.`` prefixes),
+``"config"`` (the ``GPTConfig`` fields as a plain dict) and ``"step"`` (optimizer steps taken), plus the trainer's
+run state: one entry per stateful component (``optimizer``, ``loader``, ``rng``, ``progress``), each its
+``state_dict()``, and ``train_config``. Files are ``<run>/ckpt_<step:06d>.pt``, written atomically.
 
-A model whose output has more rows than the tokenizer has ids (nanoGPT writes ``vocab_size`` 50304) is
-read with the extra rows as padding (``GPTConfig.limit_vocab``).
+``load_checkpoint`` reads every layout there has been and hands back today's: it dispatches on ``format`` (the
+two releases before formats were numbered are told apart once, in ``checkpoint_format``) and upgrades one
+version at a time. A model whose output has more rows than the tokenizer has ids (nanoGPT writes ``vocab_size``
+50304) is read with the extra rows as padding (``GPTConfig.limit_vocab``).
 """
 
 from __future__ import annotations
 
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from gpt2.model import GPT
 from gpt2.tokenizer import N_VOCAB
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.pt$")
+FORMAT_VERSION = 3
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -59,8 +64,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` with ``torch.save`` atomically: a reader sees the old file or the whole new one."""
-    atomic_write(path, lambda f: torch.save(payload, f))
+    """Write ``payload`` (and this release's ``format``) with ``torch.save`` atomically: a reader sees the old file
+    or the whole new one."""
+    atomic_write(path, lambda f: torch.save({"format": FORMAT_VERSION, **payload}, f))
 
 
 def model_payload(model: nn.Module, step: int) -> dict[str, Any]:
@@ -69,18 +75,74 @@ def model_payload(model: nn.Module, step: int) -> dict[str, Any]:
     return {"model": clean_state_dict(model.state_dict()), "config": model.config.to_dict(), "step": step}
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint file; a missing, truncated or foreign file is a ``UserError``."""
+class PickledObjects(UserError):
+    """The file holds pickled Python objects, which only a full unpickling (running code the file names) reads."""
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors of our own: a missing file, a file
+    ``torch.save`` did not write, one holding Python objects (``PickledObjects``). torch's own message for those
+    advises loading with ``weights_only=False``, which runs code named by the file: never the advice here."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"{path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {_first_line(e)})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not (zipfile.is_zipfile(path) or path.read_bytes()[:1] == b"\x80"):  # torch.save's zip, or a bare pickle
+            raise UserError(f"{path} is not a file written by torch.save") from None
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({named.group(1)})" if named else ""
+        raise PickledObjects(f"{path} holds pickled Python objects{what} that a weights-only load refuses") from None
+    except Exception as e:  # a truncated or corrupt file
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file of any format, in today's layout; a missing, truncated or foreign file, or one
+    written by a newer release, is a ``UserError``."""
+    path = Path(path)
+    try:
+        ckpt = read_torch_file(path)
+    except PickledObjects as e:
+        raise UserError(f"checkpoint {e}; a nanoGPT or build-nanogpt checkpoint converts with: "
+                        f"python -m gpt2.convert {path} OUT --trust-pickle") from None  # fmt: skip
+    except UserError as e:
+        raise UserError(f"checkpoint {e}") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
         raise UserError(f"checkpoint {path} is not a gpt2 checkpoint (needs 'model', 'config' and 'step')")
+    version = checkpoint_format(ckpt)
+    if version > FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format {version}, from a newer release (this one reads formats up "
+                        f"to {FORMAT_VERSION}): upgrade gpt2 to read it")  # fmt: skip
+    for upgrade in _UPGRADES[version - 1 :]:
+        ckpt = upgrade(ckpt)
     return ckpt
+
+
+def checkpoint_format(ckpt: dict[str, Any]) -> int:
+    """The layout version of a checkpoint dict. Releases before formats were numbered wrote none; they are told
+    apart by the one key that changed between them (v0.2 added ``progress``)."""
+    if "format" in ckpt:
+        return int(ckpt["format"])
+    return 2 if "progress" in ckpt else 1
+
+
+def _from_format_1(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """v0.1: progress as top-level ``step``/``val_loss``; ``optimizer`` the state of one unnamed AdamW (whose groups
+    ``Optimizers.load_state_dict`` splits into today's role groups)."""
+    ckpt = {**ckpt, "format": 2, "progress": {"step": int(ckpt["step"]), "val_loss": ckpt.get("val_loss")}}
+    if "optimizer" in ckpt:
+        ckpt["optimizer"] = {"adamw": ckpt["optimizer"]}
+    return ckpt
+
+
+def _from_format_2(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """v0.2: today's layout without the ``format`` key."""
+    return {**ckpt, "format": 3}
+
+
+_UPGRADES = (_from_format_1, _from_format_2)  # _UPGRADES[v - 1] turns format v into v + 1
 
 
 def config_from_checkpoint(ckpt: dict[str, Any], source: str | Path = "checkpoint") -> GPTConfig:
@@ -117,14 +179,6 @@ class ModelState:
             raise UserError(
                 f"{self.source}: config does not match the weights ({_first_line(e, skip_header=True)})"
             ) from None
-
-
-def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint in today's layout: v0.1 kept the progress as top-level ``step`` and ``val_loss``
-    (its optimizer state is read by ``Optimizers.load_state_dict``)."""
-    if "progress" not in ckpt:
-        ckpt = {**ckpt, "progress": {"step": int(ckpt["step"]), "val_loss": ckpt.get("val_loss")}}
-    return ckpt
 
 
 def load_model(target: str | Path, device: str = "cpu") -> tuple[GPT, dict[str, Any]]:

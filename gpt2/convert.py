@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gpt2.checkpoint import clean_state_dict, model_payload, save_checkpoint
+from gpt2.checkpoint import PickledObjects, clean_state_dict, model_payload, read_torch_file, save_checkpoint
 from gpt2.cli import option, parse
 from gpt2.config import GPTConfig
 from gpt2.errors import UserError, run_cli
@@ -43,19 +43,13 @@ _PERMISSIVE_PICKLE = types.SimpleNamespace(Unpickler=_Permissive, load=pickle.lo
 
 def read_foreign(path: str | Path, trust_pickle: bool = False) -> dict[str, Any]:
     """The raw dict of a nanoGPT-family checkpoint; pickled objects only with ``trust_pickle``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+        return read_torch_file(path)
+    except PickledObjects as e:
         if not trust_pickle:
             raise UserError(
-                f"{path} holds pickled Python objects ({str(e).splitlines()[0][:120]}); reading them runs code "
-                "named by the file: pass --trust-pickle if you trust where it came from"
+                f"{e}; reading them runs code named by the file: pass --trust-pickle if you trust where it came from"
             ) from None
-    except Exception as e:
-        raise UserError(f"{path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     warnings.warn(f"unpickling {path} in full (--trust-pickle): only do this with files you trust", stacklevel=2)
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PERMISSIVE_PICKLE)

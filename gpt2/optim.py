@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from gpt2.errors import UserError
 from gpt2.model import GPT
 
 if TYPE_CHECKING:
@@ -81,9 +82,8 @@ def adamw(
 class Optimizers:
     """Named torch optimizers stepped as one, with one learning-rate multiplier for all their groups.
 
-    ``state_dict()`` is ``{name: optimizer.state_dict()}``; ``load_state_dict`` also reads the v0.1
-    checkpoints' single AdamW state, whose two groups (decay / no decay) held the same parameters in the
-    same order as today's role groups.
+    ``state_dict()`` is ``{name: optimizer.state_dict()}``. ``load_state_dict`` also takes a state whose groups
+    split the same parameters, in the same order, at other boundaries (v0.1's AdamW had two: decay, no decay).
     """
 
     def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
@@ -111,10 +111,8 @@ class Optimizers:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the optimizers' state; the base learning rates and weight decays stay this run's own
         (the command line may change them on resume, as it may change ``--lr``)."""
-        if "param_groups" in state and len(self.optimizers) == 1:  # v0.1: one AdamW's state, unnamed
-            state = {next(iter(self.optimizers)): state}
         if state.keys() != self.optimizers.keys():
-            raise ValueError(f"checkpoint holds optimizers {sorted(state)}, this run uses {sorted(self.optimizers)}")
+            raise UserError(f"checkpoint holds optimizers {sorted(state)}, this run uses {sorted(self.optimizers)}")
         for name, opt in self.optimizers.items():
             own = [{k: v for k, v in g.items() if k in ("base_lr", "weight_decay")} for g in opt.param_groups]
             opt.load_state_dict(_regrouped(state[name], opt))
@@ -132,7 +130,7 @@ def _regrouped(saved: dict[str, Any], opt: torch.optim.Optimizer) -> dict[str, A
     if [len(g["params"]) for g in saved["param_groups"]] == sizes:
         return saved
     if sum(len(g["params"]) for g in saved["param_groups"]) != sum(sizes):
-        raise ValueError("the checkpoint's optimizer state covers a different number of parameters")
+        raise UserError("the checkpoint's optimizer state covers a different number of parameters")
     settings = {k: v for k, v in saved["param_groups"][0].items() if k != "params"}
     groups, start = [], 0
     for size, group in zip(sizes, opt.param_groups):

@@ -32,7 +32,6 @@ from gpt2.checkpoint import (
     find_checkpoints,
     load_checkpoint,
     save_checkpoint,
-    upgrade_checkpoint,
 )
 from gpt2.cli import flag
 from gpt2.config import PADDED_VOCAB_MULTIPLE, GPTConfig, TrainConfig
@@ -217,7 +216,6 @@ def find_resume_checkpoint(cfg: TrainConfig, say: Callable[[str], None]) -> tupl
 
 
 def _resumable(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
-    ckpt = upgrade_checkpoint(ckpt)
     missing = [key for key in (*RUN_STATE, "train_config") if key not in ckpt]
     if missing:
         raise UserError(f"checkpoint {path} holds no training state ({', '.join(missing)}), so it cannot be resumed")

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from gpt2.trainer import StopRequest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 GOLDEN = ROOT / "tests" / "fixtures" / "golden_v0_1"  # the v0.1 release's behaviour, frozen (see make.py there)
+GOLDEN_V0_2 = ROOT / "tests" / "fixtures" / "golden_v0_2"  # v0.2's modern recipe (today's modern-v1)
 SAMPLE_HELLASWAG = ROOT / "data" / "sample" / "hellaswag_val_200.jsonl"
 
 
@@ -124,27 +126,30 @@ def losses(records: list[dict], kind: str = "train") -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["kind"] == kind}
 
 
-def _golden_make():
-    """The fixture's make.py as a module: its ``machine_key`` names the folder of this machine's outputs."""
+@dataclass(frozen=True)
+class Recording:
+    """A previous release's fp32 outputs, recorded on one kind of machine (see tests/fixtures/golden_*/make.py)."""
+
+    path: Path
+    exact: bool  # recorded on this kind of machine: reproduced bit for bit; else within the stated tolerances
+
+
+def machine_key() -> str:
+    """What sets the last bits of fp32 results here (the recordings' folder names; golden_v0_1/make.py)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("golden_make", GOLDEN / "make.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    return module.machine_key()
 
 
-def golden_outputs() -> Path:
-    """The v0.1 release's fp32 outputs recorded on this kind of machine (the last bits of fp32 kernels differ
-    between kinds), or a skip that says how to record them."""
-    import pytest
-
-    key = _golden_make().machine_key()
-    if not (GOLDEN / key).is_dir():
-        pytest.skip(f"no v0.1 outputs recorded for {key}: run tests/fixtures/golden_v0_1/make.py at eb7dc4e here")
-    return GOLDEN / key
-
-
-def golden_output_sets() -> list[Path]:
-    """Every kind of machine's recorded outputs (for comparisons within a tolerance, which hold on any machine)."""
-    return sorted(path for path in GOLDEN.iterdir() if (path / "run").is_dir())
+def recordings(fixture: Path) -> list[Recording]:
+    """Every kind of machine's recording of ``fixture``, this machine's (exact) first. Never empty, so a golden
+    test always compares with something: on a kind of machine without a recording, the others within tolerance
+    (``tests/fixtures/golden_v0_1/make.py`` at that release records one)."""
+    key = machine_key()
+    found = [Recording(path, path.name == key) for path in sorted(fixture.iterdir()) if path.is_dir() and
+             path.name != "data"]  # fmt: skip
+    assert found, f"no recordings in {fixture}"
+    return sorted(found, key=lambda r: not r.exact)
