@@ -275,13 +275,3 @@ def test_a_renamed_flag_still_works_with_a_note(capsys):
     cfg = cli.parse(EvalConfig, ["x", "--data", "f.jsonl"], prog="p")
     assert cfg.hellaswag_data == Path("f.jsonl")
     assert "note: --data is deprecated; use --hellaswag-data" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_usage_errors_are_one_line_and_gpt2_traceback_shows_the_traceback(tmp_path):
-    bad = run_python("train.py", "--dtype", "fp8")
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "invalid choice: 'fp8'" in bad.stderr
-    missing = run_python("train.py", "--data", tmp_path / "nowhere", "--device", "cpu")
-    assert missing.returncode == 2 and missing.stderr.startswith("error: data directory")
-    traced = run_python("train.py", "--data", tmp_path / "nowhere", "--device", "cpu", env={"GPT2_TRACEBACK": "1"})
-    assert traced.returncode != 0 and "Traceback (most recent call last)" in traced.stderr
