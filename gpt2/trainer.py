@@ -48,7 +48,7 @@ from gpt2.distributed import (
 )
 from gpt2.errors import EXIT_DIVERGED, UserError
 from gpt2.hf import load_hf_model
-from gpt2.hostmem import HostMemory
+from gpt2.hostmem import HostMemory, keep_freed_memory
 from gpt2.metrics import device_peak, mfu
 from gpt2.model import GPT
 from gpt2.optim import Optimizers, build_optimizers
@@ -308,8 +308,15 @@ def check_sampling(cfg: TrainConfig, config: GPTConfig) -> None:
 class Trainer:
     """Holds one run's model, optimizer, loaders and log; ``run()`` trains to ``max_steps`` or a stop request."""
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, reporter: Reporter | None, stop: StopRequest) -> None:
-        self.cfg, self.ctx, self.stop = cfg, ctx, stop
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        ctx: DistContext,
+        reporter: Reporter | None,
+        stop: StopRequest,
+        host_memory: HostMemory | None = None,
+    ) -> None:
+        self.cfg, self.ctx, self.stop, self.host_memory = cfg, ctx, stop, host_memory
         self.reporter = reporter if ctx.is_main else None
         self.out = Path(cfg.out)
 
@@ -345,7 +352,6 @@ class Trainer:
                 component.load_state_dict(ckpt[name])
         self.start_step, self.last_checkpoint = self.progress.step, ckpt_path
         self._wrap_model()
-        self.host_memory = HostMemory.keep_freed(ctx.device_type)  # CPU: no page re-zeroing every micro-step
         self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
         self.peak_flops = device_peak(ctx.device, cfg.peak_flops()) if ctx.is_main else None
         self._open_log()
@@ -567,8 +573,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, stop: StopRequest 
     """Train according to ``cfg`` in this process (one rank of a torchrun job, or alone)."""
     ctx = init_distributed(cfg.device)
     try:
-        trainer = Trainer(cfg, ctx, reporter, stop or StopRequest())
-        with trainer.trackers:  # closed (with the exit status) however the run ends
-            return trainer.run()
+        with keep_freed_memory(ctx.device_type) as host_memory:  # CPU: no page re-zeroing every micro-step
+            trainer = Trainer(cfg, ctx, reporter, stop or StopRequest(), host_memory)
+            with trainer.trackers:  # closed (with the exit status) however the run ends
+                return trainer.run()
     finally:
         destroy_distributed()
