@@ -35,25 +35,12 @@ from gpt2.trainer import train
 
 SCORE_RTOL = 1e-6
 
+# The settings of tests/fixtures/golden_v0_1/make.py (which adds warmup_steps=2) and golden_v0_2/make.py
 RUN = dict(
-    n_layer=2,
-    n_head=2,
-    n_embd=32,
-    block_size=64,
-    vocab_size=256,
-    seq_len=32,
-    micro_batch=2,
-    batch_tokens=128,
-    max_steps=10,
-    eval_every=5,
-    val_tokens=1024,
-    sample_every=0,
-    save_every=5,
-    device="cpu",
-    dtype="fp32",
-    compile=False,
-    peak_tflops="none",
-)  # fmt: skip — the settings of tests/fixtures/golden_v0_1/make.py (plus warmup_steps=2) and golden_v0_2/make.py
+    n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=256, seq_len=32, micro_batch=2, batch_tokens=128,
+    max_steps=10, eval_every=5, val_tokens=1024, sample_every=0, save_every=5, device="cpu", dtype="fp32",
+    compile=False, peak_tflops="none",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
