@@ -95,7 +95,7 @@ def read_torch_file(path: str | Path) -> Any:
         what = f" ({named.group(1)})" if named else ""
         raise PickledObjects(f"{path} holds pickled Python objects{what} that a weights-only load refuses") from None
     except Exception as e:  # a truncated or corrupt file
-        raise UserError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+        raise UserError(f"{path} cannot be loaded ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

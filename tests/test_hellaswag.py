@@ -305,7 +305,7 @@ def test_cli_errors_are_one_line(tmp_path):
     bad_data.write_text('{"ind": 0, "ctx": "x", "endings": [], "label": 0}\n')
     good_ckpt = save_tiny_checkpoint(tmp_path / "run", 1, seed=0)
     cases = [
-        ((bad_ckpt, "--hellaswag-data", data), f"error: checkpoint {bad_ckpt} cannot be loaded"),
+        ((bad_ckpt, "--hellaswag-data", data), f"error: checkpoint {bad_ckpt} is not a file written by torch.save"),
         ((good_ckpt, "--hellaswag-data", bad_data), f"error: {bad_data}:1: expected exactly 4 endings, got 0"),
     ]
     for args, message in cases:
