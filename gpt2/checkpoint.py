@@ -24,22 +24,8 @@ from gpt2.errors import UserError
 from gpt2.files import atomic_write
 from gpt2.hf import is_hub_id, load_hf_model
 from gpt2.model import GPT
+from gpt2.rundir import find_checkpoints
 from gpt2.tokenizer import N_VOCAB
-
-CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.pt$")
-
-
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / f"ckpt_{step:06d}.pt"
-
-
-def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint file in ``run_dir``, oldest first (temp files excluded)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CKPT_PATTERN.match(p.name))]
-    return sorted(found)
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -33,7 +33,8 @@ from gpt2.checkpoint import load_checkpoint, load_model, model_payload, save_che
 from gpt2.config import TrainConfig
 from gpt2.data import ValLoader
 from gpt2.distributed import DistContext
-from gpt2.hellaswag import EvalConfig, evaluate, load_examples
+from gpt2.evaluate import HellaSwagConfig, run
+from gpt2.hellaswag import evaluate, load_examples
 from gpt2.model import GPT
 from gpt2.optim import GroupSpec, Optimizers, adamw, params_by_role
 from gpt2.sample import generate
@@ -116,7 +117,7 @@ def test_a_previous_release_checkpoint_resumes_bit_identically(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_previous_release_checkpoint_evaluates_to_the_same_predictions_and_samples(shared_data):
+def test_a_previous_release_checkpoint_evaluates_to_the_same_predictions_and_samples(shared_data, tmp_path):
     golden = golden_outputs()
     model, info = load_model(GOLDEN / "hellaswag_ckpt.pt")
     assert info["step"] == 0 and model.config.padded_vocab_size == 50304
@@ -124,6 +125,11 @@ def test_a_previous_release_checkpoint_evaluates_to_the_same_predictions_and_sam
                       keep_predictions=True)  # fmt: skip
     lines = "".join(json.dumps(asdict(p)) + "\n" for p in result.predictions)
     assert lines == (golden / "hellaswag_predictions.jsonl").read_text()  # byte-identical, fp32
+    # ... and so does eval_hellaswag.py --predictions, the evaluation runner with the task hellaswag_nanogpt
+    predictions = tmp_path / "predictions.jsonl"
+    run(HellaSwagConfig(target=str(GOLDEN / "hellaswag_ckpt.pt"), hellaswag_data=SAMPLE_HELLASWAG, batch_size=16,
+                        dtype="fp32", predictions=predictions, progress=False), report=lambda line: None)  # fmt: skip
+    assert predictions.read_text() == (golden / "hellaswag_predictions.jsonl").read_text()
     examples = load_examples(shared_data / "hellaswag" / "hellaswag_val_first1000.jsonl")
     result = evaluate(model, examples, DistContext(), batch_size=32, dtype="fp32", keep_predictions=True)
     lines = "".join(json.dumps(asdict(p)) + "\n" for p in result.predictions)
@@ -339,7 +345,7 @@ def test_convert_reads_build_nanogpt_and_nanogpt_checkpoints_only_with_trust_pic
 PROGRAMS = {
     "prepare_fineweb.py": "gpt2.prepare:PrepareConfig",
     "train.py": "gpt2.config:TrainConfig",
-    "eval_hellaswag.py": "gpt2.hellaswag:EvalConfig",
+    "eval_hellaswag.py": "gpt2.evaluate:HellaSwagConfig",
     "-m gpt2.sample": "gpt2.sample:SampleConfig",
     "-m gpt2.plot": "gpt2.plot:PlotConfig",
     "-m gpt2.export": "gpt2.export:ExportConfig",
@@ -368,7 +374,7 @@ def test_every_programs_help_is_its_dataclass(program):
 
 
 def test_a_renamed_flag_still_works_with_a_note(capsys):
-    cfg = cli.parse(EvalConfig, ["x", "--data", "f.jsonl"], prog="p")
+    cfg = cli.parse(HellaSwagConfig, ["x", "--data", "f.jsonl"], prog="p")
     assert cfg.hellaswag_data == Path("f.jsonl")
     assert "note: --data is deprecated; use --hellaswag-data" in capsys.readouterr().err
 
