@@ -33,10 +33,11 @@ import signal
 import statistics
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -95,17 +96,6 @@ class EvalResult:
     seconds: float
     predictions: list[Prediction] | None = field(default=None, repr=False)
 
-    @staticmethod
-    def merge(results: list[EvalResult], order: list[str]) -> EvalResult:
-        """The results of several task sets on one model, as one, its tasks in ``order``."""
-        tasks = {name: scores for result in results for name, scores in result.tasks.items()}
-        return EvalResult(
-            {name: tasks[name] for name in order},
-            {name: chance for result in results for name, chance in result.chance.items()},
-            sum(result.seconds for result in results),
-            next((result.predictions for result in results if result.predictions is not None), None),
-        )
-
     def centered(self, task: str) -> float | None:
         """``(a - chance) / (1 - chance)`` with ``a`` the task's acc_norm, else its acc (module docstring)."""
         if task not in self.chance:
@@ -155,90 +145,50 @@ def require_harness() -> None:
         raise UserError(f"downstream evaluation needs lm-evaluation-harness: {INSTALL_HINT}") from None
 
 
-class TaskSet(Protocol):
-    """Tasks scored together on one model: ``names`` are theirs, ``score`` scores those of them asked for."""
-
-    names: list[str]
-
-    def score(self, scorer: ContinuationScorer, names: list[str], ctx: DistContext) -> EvalResult: ...
-
-
-@dataclass
-class NanoGPTHellaSwag:
-    """The task ``hellaswag_nanogpt`` on these examples (``gpt2.hellaswag``)."""
-
-    examples: list[Example]
-    batch_size: int
-    dtype: str
-    progress: bool
-    keep_predictions: bool
-    names: list[str] = field(default_factory=lambda: [TASK])
-
-    def score(self, scorer: ContinuationScorer, names: list[str], ctx: DistContext) -> EvalResult:
-        result = evaluate_with(
-            scorer, self.examples, ctx, self.batch_size, self.dtype, self.progress, self.keep_predictions
-        )
-        return EvalResult({TASK: result.scores()}, {TASK: 1 / N_ENDINGS}, result.seconds, result.predictions)
-
-
-@dataclass
-class HarnessTasks:
-    """lm-evaluation-harness tasks, each on its first ``limit`` examples, scored through ``gpt2.lm_eval``."""
-
-    tasks: dict[str, Task]
-    limit: int | None
-    batch_size: int
-    dtype: str
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.tasks)
-
-    def score(self, scorer: ContinuationScorer, names: list[str], ctx: DistContext) -> EvalResult:
-        from gpt2.lm_eval import PipelineLM, evaluate_tasks
-
-        lm = PipelineLM(scorer, batch_size=self.batch_size, device=ctx.device, dtype=self.dtype)
-        return evaluate_tasks(lm, {name: self.tasks[name] for name in names}, self.limit)
-
-
 class Evaluator:
     """The tasks of one evaluation and the scorer they share, on this rank: scores models one after another."""
 
     def __init__(self, cfg: EvaluateConfig, ctx: DistContext) -> None:
-        self.ctx, self.compile = ctx, cfg.compile
+        self.cfg, self.ctx = cfg, ctx
         wanted = task_names(cfg.tasks)
-        self.sets: list[TaskSet] = []
+        self.examples: list[Example] | None = None  # hellaswag_nanogpt's, when asked for
         if TASK in wanted:
             data = cfg.hellaswag_data or (cfg.data_dir / "hellaswag_validation.jsonl" if cfg.data_dir else None)
-            examples = load_eval_examples(data, cfg.limit, ctx)
-            keep = cfg.predictions is not None
-            self.sets.append(NanoGPTHellaSwag(examples, cfg.batch_size, cfg.dtype, cfg.progress, keep))
+            self.examples = load_eval_examples(data, cfg.limit, ctx)
+        self.harness: dict[str, Task] = {}
         if others := [name for name in wanted if name != TASK]:
             require_harness()
             from gpt2.lm_eval import load_tasks
 
-            tasks = load_tasks(others, cfg.data_dir)
-            self.sets.append(HarnessTasks(tasks, cfg.limit, cfg.batch_size, cfg.dtype))
-        scored = [name for task_set in self.sets for name in task_set.names]
+            self.harness = load_tasks(others, cfg.data_dir)
+        scored = [TASK] * (self.examples is not None) + list(self.harness)
         # In --tasks order; the tasks of a harness group (listed by the harness, not by us) after them.
         self.names = [name for name in wanted if name in scored] + [name for name in scored if name not in wanted]
         self.scorer: ContinuationScorer | None = None
 
     def score(self, model: GPT, names: list[str] | None = None) -> EvalResult:
         """``model``'s scores on ``names`` (default: every task), on every rank alike."""
-        names = names or self.names
-        scorer = self._scorer(model)
-        results = []
-        for task_set in self.sets:
-            if mine := [name for name in task_set.names if name in names]:
-                results.append(task_set.score(scorer, mine, self.ctx))
-        return EvalResult.merge(results, [name for name in self.names if name in names])
+        cfg, names = self.cfg, self.names if names is None else names
+        scorer, t0 = self._scorer(model), time.perf_counter()
+        tasks, chance, predictions = {}, {}, None
+        if TASK in names:
+            result = evaluate_with(scorer, self.examples, self.ctx, cfg.batch_size, cfg.dtype, cfg.progress,
+                                   keep_predictions=cfg.predictions is not None)  # fmt: skip
+            tasks[TASK], chance[TASK], predictions = result.scores(), 1 / N_ENDINGS, result.predictions
+        if harness := [name for name in names if name in self.harness]:
+            from gpt2.lm_eval import PipelineLM, evaluate_tasks
+
+            lm = PipelineLM(scorer, batch_size=cfg.batch_size, device=self.ctx.device, dtype=cfg.dtype)
+            result = evaluate_tasks(lm, {name: self.harness[name] for name in harness}, cfg.limit)
+            tasks.update(result.tasks)
+            chance.update(result.chance)
+        return EvalResult({name: tasks[name] for name in names}, chance, time.perf_counter() - t0, predictions)
 
     def _scorer(self, model: GPT) -> ContinuationScorer:
         """The scorer of ``model``: the one of the previous model, with these weights loaded in place, where the
         architecture is the same (a compiled trunk stays compiled)."""
         if self.scorer is None or self.scorer.model.config != model.config:
-            self.scorer = ContinuationScorer(model.eval(), compile=self.compile)
+            self.scorer = ContinuationScorer(model.eval(), compile=self.cfg.compile)
         else:
             self.scorer.model.load_state_dict(model.state_dict())
         return self.scorer
