@@ -161,7 +161,7 @@ class Evaluator:
             from gpt2.lm_eval import load_tasks
 
             self.harness = load_tasks(others, cfg.data_dir)
-        scored = [TASK] * (self.examples is not None) + list(self.harness)
+        scored = ([TASK] if self.examples is not None else []) + list(self.harness)
         # In --tasks order; the tasks of a harness group (listed by the harness, not by us) after them.
         self.names = [name for name in wanted if name in scored] + [name for name in scored if name not in wanted]
         self.scorer: ContinuationScorer | None = None

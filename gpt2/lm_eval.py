@@ -46,6 +46,7 @@ from gpt2.checkpoint import load_model
 from gpt2.distributed import DTYPES, DistContext, gather_strided, init_distributed, on_main
 from gpt2.errors import UserError
 from gpt2.evaluate import GROUPS, EvalResult
+from gpt2.hellaswag import TASK as HELLASWAG_NANOGPT
 from gpt2.model import GPT
 from gpt2.scoring import ContinuationScorer, PackedRow, RowScores, pack_row, score_rows
 from gpt2.tokenizer import EOT_ID, get_encoding
@@ -203,11 +204,11 @@ def load_tasks(names: list[str], data_dir: Path | None = None) -> dict[str, Task
     manager = task_manager()
     for name in names:
         if name not in manager.all_tasks:
-            close = difflib.get_close_matches(name, [*manager.all_tasks, *GROUPS], n=1)
+            close = difflib.get_close_matches(name, [*manager.all_tasks, HELLASWAG_NANOGPT, *GROUPS], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(
-                f"unknown task {name!r}{hint}: not an lm-evaluation-harness task, group or tag, nor one of "
-                f"this project's tasks and groups ({', '.join(GROUPS)}); `lm_eval ls tasks` lists the harness's"
+                f"unknown task {name!r}{hint}: not an lm-evaluation-harness task, group or tag, nor one of this "
+                f"project's ({HELLASWAG_NANOGPT}, {', '.join(GROUPS)}); `lm_eval ls tasks` lists the harness's"
             )
     if data_dir is None:
         tasks = manager.load(names)["tasks"]

@@ -20,11 +20,13 @@ step "prepare: tokenize data/sample into $DATA"
   --shard-tokens 131072 --val-shard-tokens 65536
 
 step "train: the 4-layer demo GPT (--model demo) for 200 steps with torchrun --nproc_per_node=$NPROC, into $RUN"
+# --embed-lr 1e-3: at the matrices' 1e-2, AdamW drifts the embedding rows of the ids the sample never holds and the
+# loss spikes (README, "Quick start").
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train.py \
   --data "$DATA" --out "$RUN" \
   --model demo --seq-len 64 \
   --micro-batch 16 --batch-tokens $(( NPROC >= 2 ? 1024 * NPROC : 2048 )) \
-  --max-steps 200 --warmup-steps 10 --lr 1e-2 --min-lr 1e-3 \
+  --max-steps 200 --warmup-steps 10 --lr 1e-2 --min-lr 1e-3 --embed-lr 1e-3 \
   --eval-every 50 --val-tokens 16384 --save-every 50 --sample-every 100 --device auto
 
 step "evaluate: every checkpoint of $RUN on 200 HellaSwag examples (hellaswag_nanogpt), into $RUN/evals.jsonl"

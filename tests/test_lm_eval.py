@@ -275,6 +275,7 @@ def test_one_line_errors(tiny, tmp_path, monkeypatch):
         return str(e.value)
 
     assert "unknown task 'arc_eazy' (did you mean 'arc_easy'?)" in error(load_tasks, ["arc_eazy"])
+    assert f"(did you mean '{TASK}'?)" in error(load_tasks, ["hellaswag_nanogtp"])
     assert "piqa_validation.jsonl does not exist" in error(load_tasks, ["piqa"], tmp_path)
     (tmp_path / "gsm8k_validation.jsonl").write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
     assert "generation tasks (output_type generate_until) are not supported" in error(load_tasks, ["gsm8k"], tmp_path)
