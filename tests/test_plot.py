@@ -134,6 +134,10 @@ def test_bad_runs_are_one_line_errors(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"step": 1, "kind": "val", "loss": "high"}\n')
     with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / 'log.jsonl'))}:1: expected an integer 'step'"):
         read_run(tmp_path)
+    (tmp_path / "log.jsonl").unlink()
+    (tmp_path / "evals.jsonl").write_text('{"step": 1, "task": "copa", "acc": 0.5}\n{"task": "copa", "acc": 0.5}\n')
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / 'evals.jsonl'))}:2: expected a score record"):
+        read_run(tmp_path)
 
 
 @pytest.mark.slow
