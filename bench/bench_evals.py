@@ -29,9 +29,9 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from gpt2.config import GPTConfig  # noqa: E402
 from gpt2.errors import run_cli  # noqa: E402
-from gpt2.evaluate import SUITE, harness_choices, load_tasks, task_manager  # noqa: E402
+from gpt2.evaluate import SUITE  # noqa: E402
 from gpt2.hf import export_hf  # noqa: E402
-from gpt2.lm_eval import PipelineLM  # noqa: E402
+from gpt2.lm_eval import PipelineLM, harness_choices, load_tasks, task_manager  # noqa: E402
 from gpt2.model import GPT  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -32,7 +32,7 @@ import torch
 from gpt2.config import train_config
 from gpt2.files import atomic_write_text
 from gpt2.prepare import PrepareConfig, prepare
-from gpt2.runlog import JsonlLog
+from gpt2.rundir import JsonlLog
 from gpt2.trainer import train
 
 ABLATIONS = {  # one piece of the modern recipe switched back to GPT-2's (or, for the soft-cap, on)

@@ -28,23 +28,10 @@ from gpt2.errors import UserError
 from gpt2.files import atomic_write
 from gpt2.hf import is_hub_id, load_hf_model
 from gpt2.model import GPT
+from gpt2.rundir import find_checkpoints
 from gpt2.tokenizer import N_VOCAB
 
-CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.pt$")
 FORMAT_VERSION = 3
-
-
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / f"ckpt_{step:06d}.pt"
-
-
-def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint file in ``run_dir``, oldest first (temp files excluded)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CKPT_PATTERN.match(p.name))]
-    return sorted(found)
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,7 +76,10 @@ def read_torch_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if not (zipfile.is_zipfile(path) or path.read_bytes()[:1] == b"\x80"):  # torch.save's zip, or a bare pickle
+        with open(path, "rb") as f:
+            head = f.read(2)
+        bare_pickle = len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # PROTO opcode, protocols 2-5
+        if not (zipfile.is_zipfile(path) or bare_pickle):  # what torch.save writes: a zip, or (legacy) a pickle
             raise UserError(f"{path} is not a file written by torch.save") from None
         named = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f" ({named.group(1)})" if named else ""

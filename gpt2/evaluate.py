@@ -1,172 +1,100 @@
-"""Downstream evaluation through lm-evaluation-harness: ``python -m gpt2.evaluate TARGET --tasks small``.
+"""One evaluation runner for every task: ``python -m gpt2.evaluate TARGET --tasks LIST``; ``eval_hellaswag.py``
+is this runner with the task ``hellaswag_nanogpt``.
 
-The harness supplies the tasks (prompts, data, metrics); ``gpt2.lm_eval.PipelineLM`` scores them, so the
-numbers are the harness's own (0-shot; ``acc``, and the character-length-normalised ``acc_norm`` where the
-task reports it). ``small`` is the standard small-model suite below. TARGET is a checkpoint, a Hugging Face
-directory or hub id (scored once; ``--out`` writes the summary), or a run directory: every checkpoint is
-scored on every task not yet in ``<run>/evals.jsonl`` (one ``{"step", "task", "acc", "acc_norm", "n"}``
-record per checkpoint and task), and ``--watch`` keeps polling for new checkpoints. Under ``torchrun``
-the rows are split across ranks; the results equal one process's.
+**Tasks.** ``hellaswag_nanogpt`` is HellaSwag as build-nanogpt scores it (``gpt2.hellaswag``; GPT-2 124M: acc_norm
+0.2955). Every other name is an lm-evaluation-harness task, scored through the harness itself (``gpt2.lm_eval``,
+the ``[eval]`` extra): its prompts, data and metrics, 0-shot (``acc``, and the character-length-normalised
+``acc_norm`` where the task reports it), such as its own ``hellaswag`` (GPT-2 124M: 0.3114). ``small`` is the
+harness suite ``SUITE``. All tasks run on one scorer (``gpt2.scoring``), kept for a whole run: with ``--compile`` its
+trunk is compiled once.
+
+**Targets.** A checkpoint, a Hugging Face directory or a hub id is scored once: the table is printed, ``--out``
+writes it as JSON, ``--predictions`` writes ``hellaswag_nanogpt``'s per-example losses. A run directory is scored
+checkpoint by checkpoint on each task its scores file (``<run>/evals.jsonl``, see ``gpt2.rundir``) lacks for it,
+one record per checkpoint and task; ``--watch`` keeps polling for new checkpoints until Ctrl-C. Under ``torchrun``
+the examples are split across ranks; the results equal one process's.
 
 The summary's **centered mean** is nanochat's CORE-style aggregate: per task ``(a - chance) / (1 - chance)``,
-averaged, where ``a`` is ``acc_norm`` where the harness reports it (length-normalised, as CORE scores
-multiple choice) and ``acc`` elsewhere, and ``chance`` is the expected accuracy of guessing uniformly
-(the mean of 1 / number of choices over the scored examples). A random model scores about 0.
+averaged, where ``a`` is ``acc_norm`` where the task reports it (length-normalised, as CORE scores multiple
+choice) and ``acc`` elsewhere, and ``chance`` is the expected accuracy of guessing uniformly (the mean of
+1 / number of choices over the scored examples). A random model scores about 0.
 
-Offline (``--data-dir DIR``): each task reads ``DIR/<task>_validation.jsonl``, the hub dataset's validation
-split as JSON lines with the dataset's own field names; only the task's data source changes, never its
-prompts. Needs the ``[eval]`` extra: ``pip install -e '.[eval]'``.
+**Offline** (``--data-dir DIR``): each harness task reads ``DIR/<task>_validation.jsonl``, the hub dataset's
+validation split as JSON lines with the dataset's own field names; only the task's data source changes, never
+its prompts. ``hellaswag_nanogpt`` reads the harness's HellaSwag file there, ``DIR/hellaswag_validation.jsonl``.
 """
 
 from __future__ import annotations
 
-import difflib
-import functools
+import contextlib
 import json
 import logging
+import signal
 import statistics
-import tempfile
+import sys
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from gpt2.checkpoint import find_checkpoints, load_model
+import torch
+
+from gpt2.checkpoint import load_checkpoint, load_model, model_from_checkpoint
 from gpt2.cli import option, parse
-from gpt2.distributed import DEVICES, DTYPES, DistContext, barrier, destroy_distributed, init_distributed, on_main
+from gpt2.distributed import (
+    DEVICES,
+    DTYPES,
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+    on_main,
+)
 from gpt2.errors import UserError, run_cli
-from gpt2.files import atomic_write_text, jsonl_text, read_jsonl
-from gpt2.rundir import load_on_every_rank, run_mode, watch_run
+from gpt2.files import atomic_write_text, jsonl_text
+from gpt2.hellaswag import N_ENDINGS, TASK, Example, Prediction, evaluate_with, load_eval_examples
+from gpt2.hf import is_hub_id
+from gpt2.model import GPT
+from gpt2.rundir import SCORES_FILE, add_scores, find_checkpoints, read_scores
+from gpt2.scoring import ContinuationScorer
 from gpt2.tracking import Trackers, open_run_trackers
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
-
-    from gpt2.lm_eval import PipelineLM
-    from gpt2.model import GPT
 
 SUITE = (
     "hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "sciq", "boolq", "copa",
     "commonsense_qa", "social_iqa",
 )  # fmt: skip
 GROUPS = {"small": SUITE}
-EVALS_FILE = "evals.jsonl"  # one {"step", "task", "acc", "acc_norm", "n"} record per checkpoint and task
 INSTALL_HINT = "pip install -e '.[eval]' (or pip install 'lm-eval>=0.4.13,<0.5')"
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Tasks
-
-
-def require_harness() -> None:
-    """A ``UserError`` naming the pip command when lm-evaluation-harness is not installed."""
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise UserError(f"downstream evaluation needs lm-evaluation-harness: {INSTALL_HINT}") from None
-
-
-def task_names(spec: str) -> list[str]:
-    """The task names of a comma-separated ``--tasks`` value, groups expanded, duplicates dropped."""
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    if not names:
-        raise UserError("--tasks is empty; give harness task names or 'small'")
-    return list(dict.fromkeys(task for name in names for task in GROUPS.get(name, (name,))))
-
-
-@functools.cache
-def task_manager() -> Any:
-    """The harness's index of its task configs (built once per process: it reads thousands of YAML files)."""
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager()
-
-
-def load_tasks(names: list[str], data_dir: Path | None = None) -> dict[str, Task]:
-    """The harness's tasks, with their data read from ``data_dir`` when given. Unknown names, missing
-    files and generation tasks are ``UserError``s before anything is scored."""
-    from gpt2.lm_eval import generation_error
-
-    manager = task_manager()
-    for name in names:
-        if name not in manager.all_tasks:
-            close = difflib.get_close_matches(name, [*manager.all_tasks, *GROUPS], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(
-                f"unknown task {name!r}{hint}: not an lm-evaluation-harness task, group or tag, nor one of "
-                f"this project's groups ({', '.join(GROUPS)}); `lm_eval ls tasks` lists the harness's"
-            )
-    if data_dir is None:
-        tasks = manager.load(names)["tasks"]
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            tasks = manager.load([_local_task_yaml(manager, name, Path(data_dir), Path(tmp)) for name in names])[
-                "tasks"
-            ]
-    generating = [name for name, task in tasks.items() if task.OUTPUT_TYPE == "generate_until"]
-    if generating:
-        raise UserError(generation_error(generating))
-    return tasks
-
-
-def _local_task_yaml(manager: Any, name: str, data_dir: Path, tmp: Path) -> str:
-    """A task file that includes the harness's own config of ``name`` and changes only where the data comes
-    from: the validation split is ``data_dir/<name>_validation.jsonl`` and it is the split scored."""
-    import yaml
-
-    if name not in manager.all_subtasks:
-        raise UserError(f"--data-dir reads one file per task; {name!r} is a harness group or tag, list its tasks")
-    path = data_dir / f"{name}_validation.jsonl"
-    if not path.is_file():
-        raise UserError(
-            f"{path} does not exist: --data-dir needs {name}'s validation split as JSON lines "
-            "with the hub dataset's own field names"
-        )
-    config = {
-        "include": str(manager.task_index[name].yaml_path),
-        "task": name,
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {"validation": str(path.resolve())}},
-        "training_split": None,
-        "validation_split": "validation",
-        "test_split": None,
-        "fewshot_split": None,
-    }
-    task_yaml = tmp / f"{name}.yaml"
-    task_yaml.write_text(yaml.safe_dump(config))
-    return str(task_yaml)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Scoring
+# Results
 
 
 def headline(scores: dict[str, Any]) -> float | None:
-    """A task's one number: ``acc_norm`` where the harness reports it, else ``acc`` (None for perplexity tasks)."""
+    """A task's one number: ``acc_norm`` where the task reports it, else ``acc`` (None for perplexity tasks)."""
     return scores["acc_norm"] if scores.get("acc_norm") is not None else scores.get("acc")
-
-
-def harness_choices(sample: dict[str, Any]) -> tuple[int, int]:
-    """The acc and acc_norm choices of one multiple-choice example as the harness logs it (``log_samples``):
-    the most likely choice, and the most likely per character of the choice."""
-    lls = [ll for ll, _ in sample["filtered_resps"]]
-    per_char = [ll / len(choice) for ll, (_, choice) in zip(lls, sample["arguments"])]
-    argmax = lambda values: max(range(len(values)), key=values.__getitem__)
-    return argmax(lls), argmax(per_char)
 
 
 @dataclass
 class EvalResult:
-    """The harness's metrics per task (``acc``, ``acc_norm`` (None where not reported) and ``n`` for
-    multiple choice; the task's own metrics for perplexity tasks) and each multiple-choice task's chance."""
+    """One model's metrics per task (``acc``, ``acc_norm`` (None where not reported) and ``n`` for multiple
+    choice; the task's own metrics for perplexity tasks), each multiple-choice task's chance, and, when asked for,
+    ``hellaswag_nanogpt``'s per-example predictions (in example order)."""
 
     tasks: dict[str, dict[str, Any]]
     chance: dict[str, float]
     seconds: float
+    predictions: list[Prediction] | None = field(default=None, repr=False)
 
     def centered(self, task: str) -> float | None:
         """``(a - chance) / (1 - chance)`` with ``a`` the task's acc_norm, else its acc (module docstring)."""
@@ -180,15 +108,16 @@ class EvalResult:
         return statistics.fmean(values) if values else None
 
     def table(self) -> str:
-        lines = [f"{'task':<16}{'acc':>8}{'acc_norm':>10}{'n':>7}{'chance':>8}{'centered':>10}"]
+        width = max([16, *(len(task) + 2 for task in self.tasks)])
+        lines = [f"{'task':<{width}}{'acc':>8}{'acc_norm':>10}{'n':>7}{'chance':>8}{'centered':>10}"]
         for task, scores in self.tasks.items():
             if task not in self.chance:  # a perplexity task: its own metrics
                 metrics = ", ".join(f"{k}={v:.4f}" for k, v in scores.items() if k != "n")
-                lines.append(f"{task:<16}{metrics}  n={scores['n']}")
+                lines.append(f"{task:<{width}}{metrics}  n={scores['n']}")
                 continue
             acc_norm = "-" if scores["acc_norm"] is None else f"{scores['acc_norm']:.4f}"
             lines.append(
-                f"{task:<16}{scores['acc']:>8.4f}{acc_norm:>10}{scores['n']:>7}"
+                f"{task:<{width}}{scores['acc']:>8.4f}{acc_norm:>10}{scores['n']:>7}"
                 f"{self.chance[task]:>8.4f}{self.centered(task):>10.4f}"
             )
         if (mean := self.centered_mean) is not None:
@@ -196,38 +125,159 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def evaluate_tasks(lm: PipelineLM, tasks: dict[str, Task], limit: int | None = None) -> EvalResult:
-    """Score ``tasks`` (each on its first ``limit`` examples) with ``lm`` through the harness; every rank
-    returns the same result.
+# ----------------------------------------------------------------------------------------------------------------------
+# Tasks
 
-    Every rank runs the harness (``lm`` shares the scoring out among them), but the harness hands its
-    results to one process per node only (it treats a model that splits requests itself like a
-    tensor-parallel one), so rank 0 summarises them for everyone.
-    """
-    import lm_eval
 
-    t0 = time.perf_counter()
-    out = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks.values()), limit=limit, bootstrap_iters=0, log_samples=False,
-        task_manager=task_manager(),  # else it indexes every task config again
-    )  # fmt: skip
+def task_names(spec: str) -> list[str]:
+    """The task names of a comma-separated ``--tasks`` value, groups expanded, duplicates dropped."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise UserError(f"--tasks is empty; give {TASK}, harness task names or 'small'")
+    return list(dict.fromkeys(task for name in names for task in GROUPS.get(name, (name,))))
 
-    def summarise() -> EvalResult:
-        scores, chance = {}, {}
-        for name, task in tasks.items():
-            metrics = {
-                key.split(",")[0]: value
-                for key, value in out["results"][name].items()
-                if key.endswith(",none") and "_stderr" not in key
-            }
-            if task.OUTPUT_TYPE == "multiple_choice":
-                metrics = {"acc": metrics["acc"], "acc_norm": metrics.get("acc_norm")}
-                choices = [len(task.doc_to_choice(doc)) for _, doc in task.doc_iterator(limit=limit)]
-                chance[name] = statistics.fmean(1 / k for k in choices)
-            scores[name] = {**metrics, "n": out["n-samples"][name]["effective"]}
-        return EvalResult(scores, chance, time.perf_counter() - t0)
 
-    return on_main(summarise, lm.dist)
+def require_harness() -> None:
+    """A ``UserError`` naming the pip command when lm-evaluation-harness is not installed."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise UserError(f"downstream evaluation needs lm-evaluation-harness: {INSTALL_HINT}") from None
+
+
+class Evaluator:
+    """The tasks of one evaluation and the scorer they share, on this rank: scores models one after another."""
+
+    def __init__(self, cfg: EvaluateConfig, ctx: DistContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        wanted = task_names(cfg.tasks)
+        self.examples: list[Example] | None = None  # hellaswag_nanogpt's, when asked for
+        if TASK in wanted:
+            data = cfg.hellaswag_data or (cfg.data_dir / "hellaswag_validation.jsonl" if cfg.data_dir else None)
+            self.examples = load_eval_examples(data, cfg.limit, ctx)
+        self.harness: dict[str, Task] = {}
+        if others := [name for name in wanted if name != TASK]:
+            require_harness()
+            from gpt2.lm_eval import load_tasks
+
+            self.harness = load_tasks(others, cfg.data_dir)
+        scored = ([TASK] if self.examples is not None else []) + list(self.harness)
+        # In --tasks order; the tasks of a harness group (listed by the harness, not by us) after them.
+        self.names = [name for name in wanted if name in scored] + [name for name in scored if name not in wanted]
+        self.scorer: ContinuationScorer | None = None
+
+    def score(self, model: GPT, names: list[str] | None = None) -> EvalResult:
+        """``model``'s scores on ``names`` (default: every task), on every rank alike."""
+        cfg, names = self.cfg, self.names if names is None else names
+        scorer, t0 = self._scorer(model), time.perf_counter()
+        tasks, chance, predictions = {}, {}, None
+        if TASK in names:
+            result = evaluate_with(scorer, self.examples, self.ctx, cfg.batch_size, cfg.dtype, cfg.progress,
+                                   keep_predictions=cfg.predictions is not None)  # fmt: skip
+            tasks[TASK], chance[TASK], predictions = result.scores(), 1 / N_ENDINGS, result.predictions
+        if harness := [name for name in names if name in self.harness]:
+            from gpt2.lm_eval import PipelineLM, evaluate_tasks
+
+            lm = PipelineLM(scorer, batch_size=cfg.batch_size, device=self.ctx.device, dtype=cfg.dtype)
+            result = evaluate_tasks(lm, {name: self.harness[name] for name in harness}, cfg.limit)
+            tasks.update(result.tasks)
+            chance.update(result.chance)
+        return EvalResult({name: tasks[name] for name in names}, chance, time.perf_counter() - t0, predictions)
+
+    def _scorer(self, model: GPT) -> ContinuationScorer:
+        """The scorer of ``model``: the one of the previous model, with these weights loaded in place, where the
+        architecture is the same (a compiled trunk stays compiled)."""
+        if self.scorer is None or self.scorer.model.config != model.config:
+            self.scorer = ContinuationScorer(model.eval(), compile=self.cfg.compile)
+        else:
+            self.scorer.model.load_state_dict(model.state_dict())
+        return self.scorer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Targets
+
+
+def is_run_dir(target: str | Path) -> bool:
+    """A directory for ``ckpt_*.pt`` files: not a Hugging Face model directory (it has a config.json), nor
+    a hub id that happens to name a folder without checkpoints (``gpt2`` is also this package's folder)."""
+    path = Path(target)
+    if not path.is_dir() or (path / "config.json").exists():
+        return False
+    return bool(find_checkpoints(path)) or not is_hub_id(str(target))
+
+
+def run_mode(target: str | Path, watch: bool) -> bool:
+    """Whether ``target`` is scored as a run directory (``--watch`` may start before the trainer made it)."""
+    return is_run_dir(target) or (watch and not Path(target).exists())
+
+
+def load_on_every_rank(path: str, ctx: DistContext, skipped: set[str] | None) -> GPT | None:
+    """The checkpoint's model on every rank; or, when any rank could not read it, None on every rank if
+    ``skipped`` is given (the path is added to it) and a ``UserError`` if not."""
+    error = None
+    try:
+        model = model_from_checkpoint(load_checkpoint(path), path).to(ctx.device).eval()
+    except UserError as e:
+        model, error = None, e
+    failed = all_reduce_sum(torch.tensor([error is not None], dtype=torch.long, device=ctx.device), ctx).item()
+    if not failed:
+        return model
+    if skipped is None:
+        raise error or UserError(f"checkpoint {path} cannot be loaded on another rank")
+    if path not in skipped:
+        log.warning("skipping %s for now: %s", path, error or "unreadable on another rank")
+        skipped.add(path)
+    return None
+
+
+def watch_run(
+    target: str | Path,
+    score_pass: Callable[[], list[T]],
+    say: Callable[[str], None],
+    nothing_new: str,
+    watch: bool,
+    interval: float,
+) -> list[T]:
+    """Run ``score_pass`` (which scores what the run's scores file lacks) once, or every ``interval`` seconds
+    until Ctrl-C (KeyboardInterrupt); ``nothing_new`` is said when a single pass found everything scored already."""
+    if not watch:
+        if not find_checkpoints(target):
+            raise UserError(f"{target} holds no ckpt_*.pt checkpoints and is not a Hugging Face model directory")
+        results = score_pass()
+        if not results:
+            say(nothing_new)
+        return results
+    say(f"watching {target} for new checkpoints every {interval:g}s (Ctrl-C to stop)")
+    with _remembered_interrupt() as interrupted:
+        results = score_pass()
+        while not interrupted.wait(interval):
+            results += score_pass()
+    # Only Ctrl-C ends a watch, normally as the KeyboardInterrupt it raises. Here that was swallowed: it came
+    # while Python ran a finalizer (a progress bar's, a tensor's), which drops exceptions; the event kept it.
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _remembered_interrupt() -> Iterator[threading.Event]:
+    """SIGINT raises KeyboardInterrupt as usual and also sets the event it yields, so that an interrupt that a
+    finalizer swallowed is not lost. Only where Python's own Ctrl-C handler is in place (on the main thread, and
+    not where SIGINT is ignored, as in a background job): elsewhere the event stays unset."""
+    interrupted = threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    if not in_main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield interrupted
+        return
+
+    def on_sigint(signum: int, frame: object) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -242,17 +292,29 @@ class EvaluateConfig:
         help="checkpoint file, run directory (every checkpoint not yet scored on every task), Hugging Face model "
         "directory or hub id (gpt2 ... gpt2-xl)", positional=True,
     )  # fmt: skip
-    tasks: str = option("small", "comma-separated harness task names; 'small' is the suite", metavar="LIST")
+    tasks: str = option(
+        "small", f"comma-separated tasks: {TASK} (build-nanogpt's HellaSwag), harness task names, 'small' (the "
+        "harness suite)", metavar="LIST",
+    )  # fmt: skip
     limit: int | None = option(None, "score only the first N examples of each task", metavar="N")
-    batch_size: int = option(32, "packed rows (one per distinct context) per forward pass", metavar="N")
+    batch_size: int = option(32, "packed rows (one per example or distinct context) per forward pass", metavar="N")
     dtype: str = option("bf16", "autocast dtype", choices=list(DTYPES))
     device: str = option("auto", "auto: CUDA when present, else CPU", choices=DEVICES)
+    compile: bool = option(False, "run the scorer through torch.compile (dynamic shapes)")
     data_dir: Path | None = option(
         None, "offline: read each task from DIR/<task>_validation.jsonl instead of the hub", metavar="DIR"
     )
-    out: Path | None = option(None, "write {target, step, tasks, centered_mean} as JSON", metavar="FILE.json")
+    hellaswag_data: Path | None = option(
+        None, f"{TASK}'s local HellaSwag JSONL (default: the val set, downloaded once into data/hellaswag/, or "
+        "DIR/hellaswag_validation.jsonl with --data-dir)", metavar="FILE.jsonl",
+    )  # fmt: skip
+    out: Path | None = option(None, "write {target, step, tasks, centered_mean, seconds} as JSON", metavar="FILE.json")
+    predictions: Path | None = option(
+        None, f"one JSON line per {TASK} example: its losses and predictions", metavar="FILE.jsonl"
+    )
     watch: bool = option(False, "run directory: keep scoring new checkpoints until interrupted")
     interval: float = option(60.0, "seconds between polls with --watch", metavar="SECONDS")
+    progress: bool = option(True, "show progress bars", cli=False)
 
     def __post_init__(self) -> None:
         if self.interval <= 0:
@@ -261,35 +323,42 @@ class EvaluateConfig:
             raise UserError(f"--batch-size must be positive, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be a positive number of examples, got {self.limit}")
+        if self.predictions is not None and TASK not in task_names(self.tasks):
+            raise UserError(f"--predictions writes {TASK}'s per-example losses; add {TASK} to --tasks")
 
 
-def read_evals(run_dir: str | Path) -> list[dict]:
-    """The records of ``<run>/evals.jsonl`` (empty when nothing is scored yet)."""
-    path = Path(run_dir) / EVALS_FILE
-    return [record for _, record in read_jsonl(path)] if path.exists() else []
+@dataclass
+class HellaSwagConfig(EvaluateConfig):
+    """``eval_hellaswag.py``: the runner with the task ``hellaswag_nanogpt`` and the flags it has always had."""
+
+    tasks: str = option(TASK, cli=False)
+    data_dir: Path | None = option(None, cli=False)
+    hellaswag_data: Path | None = option(
+        None, "local HellaSwag JSONL (default: the val set, downloaded once into data/hellaswag/)",
+        aliases=["--data"], metavar="FILE.jsonl",
+    )  # fmt: skip
 
 
 def run(cfg: EvaluateConfig, report: Callable[[str], None] = print) -> list[EvalResult]:
-    """Score ``cfg.target`` on ``cfg.tasks``; ``report`` receives the human-readable lines (rank 0 only)."""
-    require_harness()
+    """Score ``cfg.target`` on ``cfg.tasks``; ``report`` receives the human-readable lines (on rank 0 only)."""
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task config notices drown the results
     by_run = run_mode(cfg.target, cfg.watch)
-    if by_run and cfg.out:
-        raise UserError("--out summarises one model: pass a checkpoint file, not a run directory")
+    if by_run and (cfg.out or cfg.predictions):
+        raise UserError("--out and --predictions score one model: pass a checkpoint file, not a run directory")
     if cfg.watch and not by_run:
         raise UserError(f"--watch polls a run directory for new checkpoints; {cfg.target} is not one")
-    tasks = load_tasks(task_names(cfg.tasks), cfg.data_dir)
     ctx = init_distributed(cfg.device)
     say = report if ctx.is_main else (lambda line: None)
     try:
+        evaluator = Evaluator(cfg, ctx)
         if not by_run:
-            return [_score_target(cfg, tasks, ctx, say)]
+            return [_score_target(cfg, evaluator, say)]
         skipped: set[str] = set()
         return watch_run(
             cfg.target,
-            lambda: score_run(cfg, tasks, ctx, say, skipped),
+            lambda: score_run(Path(cfg.target), evaluator, say, skipped if cfg.watch else None),
             say,
-            f"every checkpoint in {cfg.target} is already scored on these tasks in {EVALS_FILE}",
+            f"every checkpoint in {cfg.target} is already scored on these tasks in {SCORES_FILE}",
             cfg.watch,
             cfg.interval,
         )
@@ -297,38 +366,33 @@ def run(cfg: EvaluateConfig, report: Callable[[str], None] = print) -> list[Eval
         destroy_distributed()
 
 
-def _pipeline_lm(model: GPT, cfg: EvaluateConfig) -> PipelineLM:
-    from gpt2.lm_eval import PipelineLM
-
-    return PipelineLM(model, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype)
-
-
-def _score_target(
-    cfg: EvaluateConfig, tasks: dict[str, Task], ctx: DistContext, say: Callable[[str], None]
-) -> EvalResult:
-    model, info = load_model(cfg.target, ctx.device)
-    result = evaluate_tasks(_pipeline_lm(model, cfg), tasks, cfg.limit)
+def _score_target(cfg: EvaluateConfig, evaluator: Evaluator, say: Callable[[str], None]) -> EvalResult:
+    """Score one model (checkpoint, HF directory, hub id); write ``--out`` and ``--predictions`` (rank 0)."""
+    model, info = load_model(cfg.target, evaluator.ctx.device)
+    result = evaluator.score(model)
     say(result.table())
-    if cfg.out and ctx.is_main:
+    if evaluator.ctx.is_main and cfg.out:
         summary = {"target": str(cfg.target), "step": info["step"], "tasks": result.tasks,
-                   "centered_mean": result.centered_mean}  # fmt: skip
+                   "centered_mean": result.centered_mean, "seconds": round(result.seconds, 3)}  # fmt: skip
         atomic_write_text(cfg.out, json.dumps(summary, indent=2) + "\n")
+    if evaluator.ctx.is_main and cfg.predictions:
+        atomic_write_text(cfg.predictions, jsonl_text(asdict(p) for p in result.predictions))
     return result
 
 
 def score_run(
-    cfg: EvaluateConfig, tasks: dict[str, Task], ctx: DistContext, say: Callable[[str], None], skipped: set[str]
+    run_dir: Path, evaluator: Evaluator, say: Callable[[str], None], skipped: set[str] | None
 ) -> list[EvalResult]:
-    """Score each checkpoint of the run directory ``cfg.target`` on the tasks ``evals.jsonl`` lacks for it,
-    appending the records atomically. While watching, an unreadable checkpoint is retried at the next poll
-    (and reported once, via ``skipped``) instead of ending the watch."""
-    run_dir = Path(cfg.target)
+    """Score each checkpoint of ``run_dir`` on the tasks the scores file lacks for it, adding the records
+    (atomically) as each checkpoint is done. Checkpoints are written by temp file + rename, so a listed one is
+    complete; with ``skipped`` (while watching), one that cannot be read (deleted by rotation, copied in by hand)
+    is retried at the next poll instead of ending the watch, and reported once."""
+    ctx = evaluator.ctx
 
     def pending() -> list[tuple[int, str, list[str]]]:
-        done = {(record.get("step"), record.get("task")) for record in read_evals(run_dir)}
-        todo = [
-            (step, str(path), [t for t in tasks if (step, t) not in done]) for step, path in find_checkpoints(run_dir)
-        ]
+        done = {(record["step"], record["task"]) for record in read_scores(run_dir)}
+        todo = [(step, str(path), [task for task in evaluator.names if (step, task) not in done])
+                for step, path in find_checkpoints(run_dir)]  # fmt: skip
         return [(step, path, missing) for step, path, missing in todo if missing]
 
     results = []
@@ -337,13 +401,13 @@ def score_run(
     trackers = open_run_trackers(run_dir, warn=log.warning) if todo and ctx.is_main else Trackers()
     with trackers:
         for step, path, missing in todo:
-            model = load_on_every_rank(path, ctx, skipped if cfg.watch else None)
+            model = load_on_every_rank(path, ctx, skipped)
             if model is None:
                 continue
-            result = evaluate_tasks(_pipeline_lm(model, cfg), {t: tasks[t] for t in missing}, cfg.limit)
+            result = evaluator.score(model, missing)
             if ctx.is_main:
                 records = [{"step": step, "task": task, **scores} for task, scores in result.tasks.items()]
-                atomic_write_text(run_dir / EVALS_FILE, jsonl_text([*read_evals(run_dir), *records]))
+                add_scores(run_dir, records)
                 for record in records:
                     trackers.log_record({"kind": "downstream", **record})
                 say(f"step {step}:\n{result.table()}")
@@ -353,7 +417,9 @@ def score_run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse(EvaluateConfig, argv, prog="python -m gpt2.evaluate", description=__doc__))
+    cfg = parse(EvaluateConfig, argv, prog="python -m gpt2.evaluate", description=__doc__)
+    cfg.progress = sys.stderr.isatty()
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,109 +1,138 @@
-"""Run directories as evaluation targets: telling them from models, loading each checkpoint on every rank, and
-scoring the checkpoints a run has not been scored on yet, once or as the trainer writes them (``--watch``).
+"""A run directory's layout: the name, reader and writer of every file a run keeps in ``<run>/``.
 
-``eval_hellaswag.py`` and ``python -m gpt2.evaluate`` share this; each supplies what one pass scores and where
-it writes the scores.
+The trainer, the evaluators, the plot and tracking ask this module where things are and how they read:
+
+- ``ckpt_<step:06d>.pt``: the checkpoint after ``step`` optimizer steps (its contents: ``gpt2.checkpoint``);
+- ``log.jsonl``: the trainer's records, appended by rank 0 (their kinds: ``gpt2.runlog``);
+- ``evals.jsonl``: the scores file, one ``{"step", "task", "acc", "acc_norm", "n"}`` record per checkpoint and
+  task, from every evaluation (``python -m gpt2.evaluate``, ``eval_hellaswag.py``); ``acc_norm`` is null where a
+  task has none, and a perplexity task has its own metrics in place of the three;
+- ``hellaswag.jsonl``: the scores file of ``eval_hellaswag.py`` before this release, ``{"step", "acc", "acc_norm",
+  "n"}`` per checkpoint, read as records of the task it scored (``LEGACY_TASK``) and copied into ``evals.jsonl``
+  the next time that is written; never written;
+- ``tracking.json``: which trackers the run uses (``gpt2.tracking``);
+- ``run.png``: the plot (``python -m gpt2.plot``).
+
+Every file but the append-only log is replaced atomically, so a reader sees the old file or the whole new one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import signal
-import threading
-from collections.abc import Callable, Iterator
+import json
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
-import torch
-
-from gpt2.checkpoint import find_checkpoints, load_checkpoint, model_from_checkpoint
-from gpt2.distributed import DistContext, all_reduce_sum
 from gpt2.errors import UserError
-from gpt2.hf import is_hub_id
-from gpt2.model import GPT
+from gpt2.files import atomic_write_text, jsonl_text, read_jsonl
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-def is_run_dir(target: str | Path) -> bool:
-    """A directory for ``ckpt_*.pt`` files: not a Hugging Face model directory (it has a config.json), nor
-    a hub id that happens to name a folder without checkpoints (``gpt2`` is also this package's folder)."""
-    path = Path(target)
-    if not path.is_dir() or (path / "config.json").exists():
-        return False
-    return bool(find_checkpoints(path)) or not is_hub_id(str(target))
+CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.pt$")
+LOG_FILE = "log.jsonl"
+SCORES_FILE = "evals.jsonl"
+LEGACY_SCORES_FILE = "hellaswag.jsonl"
+LEGACY_TASK = "hellaswag_nanogpt"  # what the legacy file scored: gpt2.hellaswag.TASK
+TRACKING_FILE = "tracking.json"  # {"tensorboard": {"dir"}, "wandb": {"project", "id"}} of the trackers a run used
+PLOT_FILE = "run.png"
 
 
-def run_mode(target: str | Path, watch: bool) -> bool:
-    """Whether ``target`` is scored as a run directory (``--watch`` may start before the trainer made it)."""
-    return is_run_dir(target) or (watch and not Path(target).exists())
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
 
 
-def watch_run(
-    target: str | Path,
-    score_pass: Callable[[], list[T]],
-    say: Callable[[str], None],
-    nothing_new: str,
-    watch: bool,
-    interval: float,
-) -> list[T]:
-    """Run ``score_pass`` (which scores what the run's scores file lacks) once, or every ``interval`` seconds
-    until Ctrl-C (KeyboardInterrupt); ``nothing_new`` is said when a single pass found everything scored already."""
-    if not watch:
-        if not find_checkpoints(target):
-            raise UserError(f"{target} holds no ckpt_*.pt checkpoints and is not a Hugging Face model directory")
-        results = score_pass()
-        if not results:
-            say(nothing_new)
-        return results
-    say(f"watching {target} for new checkpoints every {interval:g}s (Ctrl-C to stop)")
-    with _remembered_interrupt() as interrupted:
-        results = score_pass()
-        while not interrupted.wait(interval):
-            results += score_pass()
-    # Only Ctrl-C ends a watch, normally as the KeyboardInterrupt it raises. Here that was swallowed: it came
-    # while Python ran a finalizer (a progress bar's, a tensor's), which drops exceptions; the event kept it.
-    raise KeyboardInterrupt
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint after ``step`` optimizer steps lives."""
+    return Path(run_dir) / f"ckpt_{step:06d}.pt"
 
 
-@contextlib.contextmanager
-def _remembered_interrupt() -> Iterator[threading.Event]:
-    """SIGINT raises KeyboardInterrupt as usual and also sets the event it yields, so that an interrupt that a
-    finalizer swallowed is not lost. Only where Python's own Ctrl-C handler is in place (on the main thread, and
-    not where SIGINT is ignored, as in a background job): elsewhere the event stays unset."""
-    interrupted = threading.Event()
-    in_main = threading.current_thread() is threading.main_thread()
-    if not in_main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield interrupted
-        return
+def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint file in ``run_dir``, oldest first (temp files excluded)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CKPT_PATTERN.match(p.name))]
+    return sorted(found)
 
-    def on_sigint(signum: int, frame: object) -> None:
-        interrupted.set()
-        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+# ----------------------------------------------------------------------------------------------------------------------
+# The training log
+
+
+class JsonlLog:
+    """Append-only ``log.jsonl``: each record is one ``write`` of one line, flushed at once."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def append(self, rec: dict[str, Any]) -> None:
+        line = json.dumps(rec, allow_nan=False) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+
+    def read(self) -> list[dict[str, Any]]:
+        """The records so far; a last line cut short by a crash is left out (a bad line elsewhere is an error)."""
+        if not self.path.exists():
+            return []
+        return [record for _, record in read_jsonl(self.path, allow_partial_tail=True)]
+
+    def truncate_to(self, step: int) -> int:
+        """Keep only the history of the state after ``step`` optimizer steps: train records of earlier steps,
+        and evaluation records up to ``step`` (those of ``step`` itself precede its checkpoint). Returns how
+        many records were dropped; the file is replaced atomically."""
+        records = self.read()
+        kept = [r for r in records if r["step"] < step or (r["step"] == step and r["kind"] != "train" and step > 0)]
+        torn = self.path.exists() and not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size > 0
+        if len(kept) < len(records) or torn:  # rewrite, or the next record would be glued to the torn line
+            atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+        return len(records) - len(kept)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scores
+
+
+def read_scores(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's score records, each with its ``task``: the legacy file's first (as ``LEGACY_TASK``), then
+    ``evals.jsonl``'s; where both hold a checkpoint and task, the ``evals.jsonl`` record wins. A record that is
+    not ``{"step": int, "task": str, ...}`` is a ``UserError`` naming its file and line."""
+    run_dir = Path(run_dir)
+    by_key: dict[tuple[int, str], dict[str, Any]] = {}
+    for name, task in ((LEGACY_SCORES_FILE, LEGACY_TASK), (SCORES_FILE, None)):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        for lineno, record in read_jsonl(path):
+            if task is not None and isinstance(record, dict):
+                record = {"step": record.get("step"), "task": task, **record}
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int) and record.get("task")):
+                raise UserError(f"{path}:{lineno}: expected a score record with an integer 'step' and a 'task'")
+            by_key[record["step"], record["task"]] = record
+    return list(by_key.values())
+
+
+def add_scores(run_dir: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Add ``{"step", "task", ...}`` records to ``evals.jsonl`` (replaced atomically, legacy records included)."""
+    atomic_write_text(Path(run_dir) / SCORES_FILE, jsonl_text([*read_scores(run_dir), *records]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trackers
+
+
+def read_tracking(run_dir: str | Path, warn: Callable[[str], None]) -> dict[str, Any]:
+    """``<run>/tracking.json`` (empty when absent; unreadable: reported through ``warn`` and treated as absent)."""
+    path = Path(run_dir) / TRACKING_FILE
+    if not path.exists():
+        return {}
     try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        return state
+    except (OSError, ValueError) as e:
+        warn(f"ignoring unreadable {path} ({e})")
+        return {}
 
 
-def load_on_every_rank(path: str, ctx: DistContext, skipped: set[str] | None) -> GPT | None:
-    """The checkpoint's model on every rank; or, when any rank could not read it, None on every rank if
-    ``skipped`` is given (the path is added to it) and a ``UserError`` if not."""
-    error = None
-    try:
-        model = model_from_checkpoint(load_checkpoint(path), path).to(ctx.device).eval()
-    except UserError as e:
-        model, error = None, e
-    failed = all_reduce_sum(torch.tensor([error is not None], dtype=torch.long, device=ctx.device), ctx).item()
-    if not failed:
-        return model
-    if skipped is None:
-        raise error or UserError(f"checkpoint {path} cannot be loaded on another rank")
-    if path not in skipped:
-        log.warning("skipping %s for now: %s", path, error or "unreadable on another rank")
-        skipped.add(path)
-    return None
+def write_tracking(run_dir: str | Path, state: dict[str, Any]) -> None:
+    atomic_write_text(Path(run_dir) / TRACKING_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")

@@ -1,4 +1,5 @@
-"""What a training run reports: ``<out>/log.jsonl`` records and a readable console line per step.
+"""What a training run reports: ``<out>/log.jsonl`` records (written by ``gpt2.rundir.JsonlLog``) and a readable
+console line per step.
 
 Record kinds (one JSON object per line, written by rank 0 only):
 
@@ -6,18 +7,13 @@ Record kinds (one JSON object per line, written by rank 0 only):
   optimizer step ``step`` (0-based); ``tokens`` counts all tokens trained on once it is done; on CUDA also
   ``peak_mem_gib``, the most GPU memory allocated so far.
 - ``{"step", "kind": "val", "loss"}``, ``{"step", "kind": "hellaswag", "acc", "acc_norm", "n"}`` and
-  ``{"step", "kind": "sample", "text"}``, measured on the weights after ``step`` optimizer steps.
+  ``{"step", "kind": "sample", "text"}``, measured on the weights after ``step`` optimizer steps (a
+  ``hellaswag`` record holds what the scores file holds for task ``hellaswag_nanogpt``, see ``gpt2.rundir``).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Protocol, TextIO
-
-from gpt2.files import atomic_write_text, read_jsonl
-
-LOG_FILE = "log.jsonl"  # a run directory's log, one JSON record per line
 
 
 class Reporter(Protocol):
@@ -26,35 +22,6 @@ class Reporter(Protocol):
     def record(self, rec: dict[str, Any]) -> None: ...
 
     def message(self, text: str) -> None: ...
-
-
-class JsonlLog:
-    """Append-only ``log.jsonl``: each record is one ``write`` of one line, flushed at once."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def append(self, rec: dict[str, Any]) -> None:
-        line = json.dumps(rec, allow_nan=False) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-
-    def read(self) -> list[dict[str, Any]]:
-        """The records so far; a last line cut short by a crash is left out (a bad line elsewhere is an error)."""
-        if not self.path.exists():
-            return []
-        return [record for _, record in read_jsonl(self.path, allow_partial_tail=True)]
-
-    def truncate_to(self, step: int) -> int:
-        """Keep only the history of the state after ``step`` optimizer steps: train records of earlier steps,
-        and evaluation records up to ``step`` (those of ``step`` itself precede its checkpoint). Returns how
-        many records were dropped; the file is replaced atomically."""
-        records = self.read()
-        kept = [r for r in records if r["step"] < step or (r["step"] == step and r["kind"] != "train" and step > 0)]
-        torn = self.path.exists() and not self.path.read_bytes().endswith(b"\n") and self.path.stat().st_size > 0
-        if len(kept) < len(records) or torn:  # rewrite, or the next record would be glued to the torn line
-            atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
-        return len(records) - len(kept)
 
 
 class ConsoleReporter:

@@ -78,18 +78,17 @@ def pack_row(context: list[int], continuations: list[list[int]], bucket: int = B
 
 
 class ContinuationScorer(nn.Module):
-    """Per-token cross-entropy of the targets of packed rows, and, with ``greedy``, whether each target is the
-    model's most likely next token (lm-eval's ``is_greedy``; HellaSwag does not need it, and the argmax is one
-    more pass over every chunk of vocabulary-wide logits: a quarter of a small model's scoring time).
+    """Per-token cross-entropy of the targets of packed rows, and, when asked (``greedy``), whether each target
+    is the model's most likely next token (lm-eval's ``is_greedy``; HellaSwag does not need it, and the argmax is
+    one more pass over every chunk of vocabulary-wide logits: a quarter of a small model's scoring time).
 
     ``compile`` compiles the trunk (``GPT.hidden`` under the packing mask) with dynamic shapes; the LM head
-    runs eagerly in chunks.
+    runs eagerly in chunks. One scorer serves every task and, weights loaded in place, every checkpoint of a run.
     """
 
-    def __init__(self, model: GPT, compile: bool = False, greedy: bool = False) -> None:
+    def __init__(self, model: GPT, compile: bool = False) -> None:
         super().__init__()
         self.model = model
-        self.greedy = greedy
         self._hidden = torch.compile(self.hidden, dynamic=True) if compile else self.hidden
 
     def hidden(self, idx: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
@@ -102,7 +101,13 @@ class ContinuationScorer(nn.Module):
         return self.model.hidden(idx, pos, mask)
 
     def forward(
-        self, idx: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor
+        self,
+        idx: torch.Tensor,
+        pos: torch.Tensor,
+        seg: torch.Tensor,
+        src: torch.Tensor,
+        tgt: torch.Tensor,
+        greedy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``idx, pos, seg``: (B, T) tokens, positions, segments (-1 for padding); ``src``: flat indices into
         (B*T) of the positions that predict ``tgt``. Returns the fp32 loss of each target token and, with
@@ -118,14 +123,14 @@ class ContinuationScorer(nn.Module):
         # zero rows (whose logits are dropped), so the head always multiplies at least MIN_HEAD_ROWS rows.
         if len(bounds) > 2 and bounds[-1] - bounds[-2] < MIN_HEAD_ROWS:
             del bounds[-2]
-        losses, greedy = [], []
+        losses, is_greedy = [], []
         for a, b in zip(bounds, bounds[1:]):
             rows = F.pad(h[a:b], (0, 0, 0, max(0, MIN_HEAD_ROWS - (b - a))))
             logits = self.model.logits(rows).float()[: b - a]
             losses.append(F.cross_entropy(logits, tgt[a:b], reduction="none"))
-            if self.greedy:
-                greedy.append(logits.argmax(dim=-1) == tgt[a:b])
-        return torch.cat(losses), torch.cat(greedy) if self.greedy else None
+            if greedy:
+                is_greedy.append(logits.argmax(dim=-1) == tgt[a:b])
+        return torch.cat(losses), torch.cat(is_greedy) if greedy else None
 
 
 def batch_tensors(rows: list[PackedRow], device: str) -> tuple[torch.Tensor, ...]:
@@ -183,21 +188,22 @@ def score_rows(
     *,
     batch_size: int = 32,
     dtype: str = "bf16",
+    greedy: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[RowScores]:
-    """The scores of ``rows`` (in their order), on this process alone."""
+    """The scores of ``rows`` (in their order), on this process alone; ``greedy`` adds the greedy flags."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
     scores: list[RowScores | None] = [None] * len(rows)
     for batch in length_batches(rows, batch_size):
         with autocast(torch.device(device).type, dtype):
-            losses, greedy = scorer(*batch_tensors([rows[i] for i in batch], device))
+            losses, flags = scorer(*batch_tensors([rows[i] for i in batch], device), greedy=greedy)
         losses = losses.double().cpu().tolist()
-        greedy = None if greedy is None else greedy.cpu().tolist()
+        flags = None if flags is None else flags.cpu().tolist()
         start = 0
         for i in batch:
             n = len(rows[i].targets)
-            scores[i] = RowScores(losses[start : start + n], None if greedy is None else greedy[start : start + n])
+            scores[i] = RowScores(losses[start : start + n], None if flags is None else flags[start : start + n])
             start += n
         if on_batch is not None:
             on_batch(len(batch))

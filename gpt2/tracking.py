@@ -43,11 +43,10 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from gpt2.errors import UserError
-from gpt2.files import atomic_write_text
+from gpt2.rundir import read_tracking, write_tracking
 
 log = logging.getLogger(__name__)
 
-TRACKING_FILE = "tracking.json"  # {"tensorboard": {"dir"}, "wandb": {"project", "id"}} of the trackers a run used
 INSTALL_HINT = 'pip install -e ".[track]"'
 NAME_FIELDS = ("task",)  # string fields that name a sub-series instead of being logged as text
 WANDB_INIT_TIMEOUT_S = 30.0  # then fall back to an offline W&B run
@@ -181,7 +180,7 @@ def open_trackers(
     have sent. A backend that cannot be opened is reported through ``warn`` and left out.
     """
     out = Path(out_dir)
-    state = read_state(out, warn)
+    state = read_tracking(out, warn)
     before = dict(state)
     kept = history_at(logged, resume_step)
     trackers = Trackers(warn=warn)
@@ -199,7 +198,7 @@ def open_trackers(
         run_id = previous["id"] if same_run else secrets.token_hex(4)  # W&B takes any [a-z0-9] id
         state["wandb"] = {"project": wandb_project, "id": run_id}
     if state != before:  # before W&B starts: an interrupted start still leaves the run id to the next attempt
-        write_state(out, state)
+        write_tracking(out, state)
     if wandb_project is not None:
 
         def open_wandb() -> WandbTracker:
@@ -222,7 +221,7 @@ def open_run_trackers(run_dir: str | Path, *, prefix: str = "eval", warn: Warn =
     writers at once are not safe, so the scores go to an offline segment that ``wandb sync`` uploads later.
     """
     out = Path(run_dir)
-    state = read_state(out, warn)
+    state = read_tracking(out, warn)
     trackers = Trackers(warn=warn)
     if "tensorboard" in state:
         tb_dir = out / state["tensorboard"]["dir"] / prefix
@@ -247,25 +246,6 @@ def _start(trackers: Trackers, name: str, open_backend: Callable[[], Tracker], r
         return False
     trackers.backends[name] = backend
     return True
-
-
-def read_state(out_dir: Path, warn: Warn = log.warning) -> dict[str, Any]:
-    """``<out>/tracking.json`` (empty when absent; unreadable: reported and treated as absent)."""
-    path = Path(out_dir) / TRACKING_FILE
-    if not path.exists():
-        return {}
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(state, dict):
-            raise ValueError("not a JSON object")
-        return state
-    except (OSError, ValueError) as e:
-        warn(f"ignoring unreadable {path} ({_one_line(e)})")
-        return {}
-
-
-def write_state(out_dir: Path, state: dict[str, Any]) -> None:
-    atomic_write_text(Path(out_dir) / TRACKING_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

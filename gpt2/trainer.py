@@ -27,9 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2.checkpoint import (
     ModelState,
-    checkpoint_path,
     config_from_checkpoint,
-    find_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
@@ -52,7 +50,8 @@ from gpt2.hostmem import HostMemory, keep_freed_memory
 from gpt2.metrics import device_peak, mfu
 from gpt2.model import GPT
 from gpt2.optim import Optimizers, build_optimizers
-from gpt2.runlog import LOG_FILE, JsonlLog, Reporter
+from gpt2.rundir import LOG_FILE, JsonlLog, checkpoint_path, find_checkpoints
+from gpt2.runlog import Reporter
 from gpt2.sample import sample_text
 from gpt2.schedule import lr_multiplier
 from gpt2.tokenizer import get_encoding

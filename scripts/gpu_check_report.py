@@ -75,7 +75,8 @@ def training_run(log: Path, steps: int, wall_s: float) -> dict[str, Any]:
 
 
 def hellaswag(out: Path, wall_s: float) -> dict[str, Any]:
-    result = json.loads((out / "hellaswag.json").read_text())
+    summary = json.loads((out / "hellaswag.json").read_text())
+    result = {**summary["tasks"]["hellaswag_nanogpt"], "seconds": summary["seconds"]}
     require(result["n"] > 0 and positive(result["seconds"]), f"{out / 'hellaswag.json'}: nothing was scored")
     require(0 <= result["acc_norm"] <= 1 and 0 <= result["acc"] <= 1, f"{out / 'hellaswag.json'}: bad accuracy")
     return {**result, "examples_per_s": result["n"] / result["seconds"], "wall_s": wall_s}

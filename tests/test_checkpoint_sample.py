@@ -4,8 +4,9 @@ import pytest
 import torch
 from support import run_python, tiny_model
 
-from gpt2.checkpoint import clean_state_dict, find_checkpoints, load_model, model_payload, save_checkpoint
+from gpt2.checkpoint import clean_state_dict, load_model, model_payload, save_checkpoint
 from gpt2.errors import UserError
+from gpt2.rundir import find_checkpoints
 from gpt2.sample import generate
 
 

@@ -44,7 +44,7 @@ def test_under_torchrun_a_user_error_is_printed_once(tmp_path: Path):
 
 @pytest.mark.slow
 def test_a_file_that_is_not_a_checkpoint_is_one_line_without_torchs_advice(tmp_path: Path):
-    (tmp_path / "random.bin").write_bytes(os.urandom(4096))
+    (tmp_path / "random.bin").write_bytes(bytes(range(1, 256)) * 16)
     torch.save({"model": {}, "args": argparse_namespace()}, tmp_path / "pickled.pt")
     for name, says in (("random.bin", "is not a file written by torch.save"),
                        ("pickled.pt", "holds pickled Python objects (argparse.Namespace)")):  # fmt: skip

@@ -29,6 +29,7 @@ from support import GOLDEN, GOLDEN_V0_2, SAMPLE_HELLASWAG, Recording, recordings
 from gpt2.checkpoint import FORMAT_VERSION, checkpoint_format, load_checkpoint, load_model, read_torch_file
 from gpt2.config import train_config
 from gpt2.distributed import DistContext
+from gpt2.evaluate import HellaSwagConfig, run
 from gpt2.hellaswag import evaluate, load_examples
 from gpt2.sample import generate
 from gpt2.trainer import train
@@ -140,12 +141,18 @@ def assert_same_predictions(new: list[dict], old: list[dict], exact: bool) -> No
 
 
 @pytest.mark.slow
-def test_a_v0_1_checkpoint_evaluates_to_the_same_predictions_and_samples(shared_data: Path):
+def test_a_v0_1_checkpoint_evaluates_to_the_same_predictions_and_samples(shared_data: Path, tmp_path: Path):
+    # eval_hellaswag.py --predictions: the evaluation runner with the task hellaswag_nanogpt
+    predictions = tmp_path / "predictions.jsonl"
+    run(HellaSwagConfig(target=str(GOLDEN / "hellaswag_ckpt.pt"), hellaswag_data=SAMPLE_HELLASWAG, batch_size=16,
+                        dtype="fp32", predictions=predictions, progress=False), report=lambda line: None)  # fmt: skip
+    written = [json.loads(line) for line in predictions.read_text().splitlines()]
     model, info = load_model(GOLDEN / "hellaswag_ckpt.pt")
     assert info["step"] == 0 and model.config.padded_vocab_size == 50304
     result = evaluate(model, load_examples(SAMPLE_HELLASWAG), DistContext(), batch_size=16, dtype="fp32",
                       keep_predictions=True)  # fmt: skip
     new = [asdict(p) for p in result.predictions]
+    assert written == new
     for recording in recordings(GOLDEN):
         old = [json.loads(line) for line in (recording.path / "hellaswag_predictions.jsonl").read_text().splitlines()]
         assert_same_predictions(new, old, recording.exact)

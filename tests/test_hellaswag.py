@@ -1,5 +1,7 @@
-"""HellaSwag evaluator: scores equal a direct per-ending computation; batch size, rank count and packing never
-change a prediction; run directories are scored incrementally; bad input gives one clear line."""
+"""HellaSwag as build-nanogpt scores it (the task ``hellaswag_nanogpt``) and ``eval_hellaswag.py``, the evaluation
+runner with that task: scores equal a direct per-ending computation; batch size, rank count and packing never
+change a prediction; run directories are scored incrementally into the run's one scores file (a previous release's
+``hellaswag.jsonl`` read, not lost); bad input gives one clear line."""
 
 from __future__ import annotations
 
@@ -17,21 +19,12 @@ import pytest
 import torch
 from support import ROOT, reference_losses, run_python, tiny_model
 
-from gpt2.checkpoint import checkpoint_path, model_payload, save_checkpoint
+from gpt2.checkpoint import model_payload, save_checkpoint
 from gpt2.distributed import DistContext
 from gpt2.errors import UserError
-from gpt2.hellaswag import (
-    SCORES_FILE,
-    VAL_SHA256,
-    EvalConfig,
-    Example,
-    ensure_val,
-    evaluate,
-    load_examples,
-    pack_example,
-    run,
-)
-from gpt2.rundir import is_run_dir, watch_run
+from gpt2.evaluate import EvalResult, HellaSwagConfig, is_run_dir, run, watch_run
+from gpt2.hellaswag import TASK, VAL_SHA256, Example, HellaSwagResult, ensure_val, evaluate, load_examples, pack_example
+from gpt2.rundir import LEGACY_SCORES_FILE, LEGACY_TASK, SCORES_FILE, checkpoint_path, read_scores
 from gpt2.scoring import ContinuationScorer, batch_tensors
 
 WORDS = "the a man woman dog ball runs jumps over under quickly slowly red blue house tree water then and it".split()
@@ -57,6 +50,11 @@ def write_jsonl(path: Path, examples: list[Example]) -> Path:
 
 def argmin(values: list[float]) -> int:
     return min(range(len(values)), key=values.__getitem__)
+
+
+def table(result: HellaSwagResult) -> str:
+    """What the runner prints for ``result``."""
+    return EvalResult({TASK: result.scores()}, {TASK: 0.25}, result.seconds).table()
 
 
 @pytest.mark.parametrize("block_size", [64, 12])  # 12: most contexts are left-truncated
@@ -152,10 +150,12 @@ def test_two_ranks_equal_one_process(tmp_path):
                     "--out", out, "--predictions", preds)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     single = evaluate(tiny_model(seed=3).eval(), examples, DistContext(), dtype="fp32", keep_predictions=True)
-    assert proc.stdout.strip() == single.summary()
+    assert proc.stdout.strip() == table(single)
     summary = json.loads(out.read_text())
     assert summary.pop("seconds") > 0
-    assert summary == {"target": str(ckpt), "step": 100, "n": 30, "acc": single.acc, "acc_norm": single.acc_norm}
+    scores = {"acc": single.acc, "acc_norm": single.acc_norm, "n": 30}
+    centered = (single.acc_norm - 0.25) / 0.75
+    assert summary == {"target": str(ckpt), "step": 100, "tasks": {TASK: scores}, "centered_mean": centered}
     assert [json.loads(line) for line in preds.read_text().splitlines()] == [asdict(p) for p in single.predictions]
 
 
@@ -175,7 +175,6 @@ def test_shared_val_predictions_identical_batched_unbatched_two_ranks(shared_dat
         proc = launch("eval_hellaswag.py", ckpt, "--hellaswag-data", data, "--limit", str(limit), "--dtype", "fp32",
                       "--batch-size", str(batch_size), "--predictions", out)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip().endswith(f"n={limit}")
         texts.append(out.read_text())
     assert texts[0] == texts[1] == texts[2]
     assert [json.loads(line)["ind"] for line in texts[0].splitlines()] == [e.ind for e in load_examples(data, limit)]
@@ -187,23 +186,45 @@ def test_run_directory_is_scored_incrementally(tmp_path):
     run_dir = tmp_path / "run"
     for step in (10, 20):
         save_tiny_checkpoint(run_dir, step, seed=step)
-    cfg = EvalConfig(target=str(run_dir), hellaswag_data=data, dtype="fp32", progress=False)
+    cfg = HellaSwagConfig(target=str(run_dir), hellaswag_data=data, dtype="fp32", progress=False)
     lines: list[str] = []
     assert len(run(cfg, report=lines.append)) == 2
     records = [json.loads(line) for line in (run_dir / SCORES_FILE).read_text().splitlines()]
-    for record, step in zip(records, (10, 20)):
-        expected = evaluate(tiny_model(seed=step).eval(), examples, DistContext(), dtype="fp32")
-        assert record == {"step": step, "acc": expected.acc, "acc_norm": expected.acc_norm, "n": 12}
-    assert lines == [
-        f"step {r['step']}: hellaswag acc={r['acc']:.4f} acc_norm={r['acc_norm']:.4f} n=12" for r in records
-    ]
+    expected = {
+        step: evaluate(tiny_model(seed=step).eval(), examples, DistContext(), dtype="fp32") for step in (10, 20)
+    }
+    assert records == [{"step": step, "task": TASK, **expected[step].scores()} for step in (10, 20)]
+    assert lines == [f"step {step}:\n{table(expected[step])}" for step in (10, 20)]
     before = (run_dir / SCORES_FILE).read_bytes()
     assert run(cfg, report=lines.append) == []  # idempotent: nothing new, file untouched
+    assert lines[-1] == f"every checkpoint in {run_dir} is already scored on these tasks in {SCORES_FILE}"
     assert (run_dir / SCORES_FILE).read_bytes() == before
     save_tiny_checkpoint(run_dir, 30, seed=30)
     (run_dir / "ckpt_000040.pt.tmp").write_bytes(b"half-written")  # a checkpoint being saved: never read
     assert len(run(cfg, report=lines.append)) == 1
     assert [json.loads(line)["step"] for line in (run_dir / SCORES_FILE).read_text().splitlines()] == [10, 20, 30]
+    assert not (run_dir / f"{SCORES_FILE}.tmp").exists() and not (run_dir / LEGACY_SCORES_FILE).exists()
+
+
+def test_a_previous_releases_scores_are_read_and_kept(tmp_path):
+    """A run scored by the previous release has ``hellaswag.jsonl``: its checkpoints count as scored, and its records
+    join the scores file when that is next written (the old file is left as it was)."""
+    data = write_jsonl(tmp_path / "hs.jsonl", make_examples(6, seed=8))
+    run_dir = tmp_path / "run"
+    for step in (10, 20):
+        save_tiny_checkpoint(run_dir, step, seed=step)
+    old = '{"step": 10, "acc": 0.5, "acc_norm": 0.25, "n": 6}\n'
+    (run_dir / LEGACY_SCORES_FILE).write_text(old)
+    assert read_scores(run_dir) == [{"step": 10, "task": TASK, "acc": 0.5, "acc_norm": 0.25, "n": 6}]
+    results = run(HellaSwagConfig(target=str(run_dir), hellaswag_data=data, dtype="fp32", progress=False), print)
+    assert len(results) == 1  # step 20 only
+    assert [(r["step"], r["task"], r["acc"]) for r in read_scores(run_dir)] == [
+        (10, TASK, 0.5),
+        (20, TASK, results[0].tasks[TASK]["acc"]),
+    ]
+    assert (run_dir / LEGACY_SCORES_FILE).read_text() == old
+    assert [json.loads(line)["step"] for line in (run_dir / SCORES_FILE).read_text().splitlines()] == [10, 20]
+    assert LEGACY_TASK == TASK
 
 
 def test_which_targets_are_run_directories(tmp_path, monkeypatch):
@@ -249,7 +270,7 @@ def test_watch_scores_new_checkpoints_and_waits_out_unreadable_ones(tmp_path):
         stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "Traceback" not in stderr
     assert stdout.startswith(f"watching {run_dir} for new checkpoints every 0.2s")
-    assert [line.split(":")[0] for line in stdout.splitlines()[1:]] == ["step 1", "step 2"]
+    assert [line for line in stdout.splitlines() if line.startswith("step")] == ["step 1:", "step 2:"]
     assert "skipping" in stderr and "ckpt_000002.pt" in stderr
 
 

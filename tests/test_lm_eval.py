@@ -1,6 +1,7 @@
 """Downstream evaluation through lm-evaluation-harness: our ``gpt2-pipeline`` model gives the harness's own
-``hf`` backend's log-likelihoods and choices on every task of the suite, two ranks give one process's results,
-run directories are scored incrementally and plotted, and bad input is one clear line.
+``hf`` backend's log-likelihoods and choices on every task of the suite, leaves the harness's own models reachable
+and runs on the device it is given; two ranks give one process's results; run directories are scored
+incrementally, by both programs into one scores file, and plotted; and bad input is one clear line.
 
 A tiny model (2 layers, 32 wide, GPT-2's vocabulary, 128 positions so that long prompts get cut) scores the
 first 50 validation examples of each task (``tests/fixtures/evals``), read offline through ``--data-dir``.
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -20,23 +22,23 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from support import ROOT, run_python, tiny_model  # noqa: E402
 
 from gpt2 import evaluate  # noqa: E402
-from gpt2.checkpoint import checkpoint_path, model_payload, save_checkpoint  # noqa: E402
+from gpt2.checkpoint import model_payload, save_checkpoint  # noqa: E402
+from gpt2.distributed import DistContext  # noqa: E402
 from gpt2.errors import UserError  # noqa: E402
-from gpt2.evaluate import (  # noqa: E402
-    SUITE,
-    EvaluateConfig,
+from gpt2.evaluate import SUITE, EvaluateConfig, HellaSwagConfig, require_harness, run, task_names  # noqa: E402
+from gpt2.export import main as export_main  # noqa: E402
+from gpt2.hellaswag import TASK  # noqa: E402
+from gpt2.lm_eval import (  # noqa: E402
+    PipelineLM,
     evaluate_tasks,
     harness_choices,
     load_tasks,
-    read_evals,
-    require_harness,
-    run,
+    placement,
     task_manager,
-    task_names,
 )
-from gpt2.export import main as export_main  # noqa: E402
-from gpt2.lm_eval import PipelineLM  # noqa: E402
-from gpt2.plot import GPT2_124M_HARNESS, draw_run, read_run  # noqa: E402
+from gpt2.model import GPT  # noqa: E402
+from gpt2.plot import REFERENCES, draw_run, read_run  # noqa: E402
+from gpt2.rundir import SCORES_FILE, checkpoint_path, read_scores  # noqa: E402
 from gpt2.tracking import Trackers  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "evals"
@@ -151,6 +153,33 @@ def test_registered_with_the_harness(tiny, suite):
 
 
 @pytest.mark.slow
+def test_importing_ours_leaves_the_harness_models_reachable():
+    """In a fresh process, as a user's script would: the harness loads its own models only while its registry is
+    empty, so registering ours first used to hide them."""
+    code = "import gpt2.lm_eval; from lm_eval.api.registry import get_model as g; print(g('hf').__name__)"
+    proc = run_python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["HFLM"]
+
+
+def test_a_cuda_device_index_is_honoured(monkeypatch, tiny):
+    """``device="cuda:1"`` runs on cuda:1 (it ran on cuda:0); under torchrun each rank keeps its own GPU. CUDA is
+    faked: the model's moves are recorded instead of made."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    moves = []
+    monkeypatch.setattr(GPT, "to", lambda self, device: moves.append(str(device)) or self)
+    lm = PipelineLM(tiny_model(block_size=BLOCK), device="cuda:1")
+    assert (lm.dist.device, lm.device, moves) == ("cuda:1", torch.device("cuda:1"), ["cuda:1"])
+    assert PipelineLM(tiny_model(block_size=BLOCK), device="cuda").dist.device == "cuda:0"
+    with pytest.raises(UserError, match="'cuda:2': no such device"):
+        placement("cuda:2")
+    rank1 = DistContext(rank=1, local_rank=1, world_size=2, device="cuda:1")
+    monkeypatch.setattr("gpt2.lm_eval.init_distributed", lambda device: rank1)
+    assert placement("cuda:0") == rank1
+
+
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tiny, suite, tmp_path):
     out = tmp_path / "results.json"
     proc = run_python("-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "gpt2.evaluate", tiny[0],
@@ -158,7 +187,9 @@ def test_two_ranks_equal_one_process(tiny, suite, tmp_path):
                       "--batch-size", "8", "--out", out, env={"OMP_NUM_THREADS": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     single = evaluate_tasks(PipelineLM(str(tiny[0]), device="cpu", dtype="fp32"), suite, limit=20)
-    assert json.loads(out.read_text()) == {
+    summary = json.loads(out.read_text())
+    assert summary.pop("seconds") > 0
+    assert summary == {
         "target": str(tiny[0]),
         "step": 10,
         "tasks": single.tasks,
@@ -184,40 +215,50 @@ class Recorder:
         pass
 
 
-def test_run_dir_scores_only_what_is_new_and_plots_a_panel_per_task(tmp_path, monkeypatch):
+def test_both_programs_score_a_run_into_one_file_and_only_what_is_new(tmp_path, monkeypatch):
+    """The acceptance check: ``eval_hellaswag.py RUN`` and ``python -m gpt2.evaluate RUN --tasks ...`` leave one
+    scores file with every task for every checkpoint, each scored once, and the plot draws a panel per task."""
     run_dir = tmp_path / "run"
     save_tiny(run_dir, 10)
     recorder = Recorder()
     monkeypatch.setattr(evaluate, "open_run_trackers", lambda run, warn: Trackers({"recorder": recorder}))
-    cfg = EvaluateConfig(target=str(run_dir), tasks="copa", limit=4, dtype="fp32", data_dir=FIXTURES)
+    cfg = EvaluateConfig(target=str(run_dir), tasks="copa", limit=4, dtype="fp32", data_dir=FIXTURES, progress=False)
     lines = []
     assert len(run(cfg, report=lines.append)) == 1
     save_tiny(run_dir, 20, seed=1)
+    hellaswag = HellaSwagConfig(target=str(run_dir), hellaswag_data=FIXTURES / "hellaswag_validation.jsonl", limit=8,
+                                dtype="fp32", progress=False)  # fmt: skip
+    assert [list(r.tasks) for r in run(hellaswag, report=lines.append)] == [[TASK], [TASK]]
     cfg.tasks = "copa,hellaswag"
     results = run(cfg, report=lines.append)  # step 10 lacks hellaswag only, the new step 20 both
     assert [list(r.tasks) for r in results] == [["hellaswag"], ["copa", "hellaswag"]]
+    cfg.tasks = f"{TASK},copa,hellaswag"  # hellaswag_nanogpt from --data-dir: the harness's HellaSwag file
     assert run(cfg, report=lines.append) == []
-    assert lines[-1] == f"every checkpoint in {run_dir} is already scored on these tasks in evals.jsonl"
-    records = read_evals(run_dir)
+    assert lines[-1] == f"every checkpoint in {run_dir} is already scored on these tasks in {SCORES_FILE}"
+    records = read_scores(run_dir)
     assert [(r["step"], r["task"]) for r in records] == [
         (10, "copa"),
+        (10, TASK),
+        (20, TASK),
         (10, "hellaswag"),
         (20, "copa"),
         (20, "hellaswag"),
     ]
+    assert [path.name for path in run_dir.glob("*.jsonl")] == [SCORES_FILE]
     assert set(records[0]) == {"step", "task", "acc", "acc_norm", "n"} and records[0]["n"] == 4
-    assert records[0]["acc_norm"] is None and records[1]["acc_norm"] is not None  # copa reports acc only
+    assert records[0]["acc_norm"] is None and records[3]["acc_norm"] is not None  # copa reports acc only
+    assert records[1]["n"] == 8 and 0 <= records[1]["acc_norm"] <= 1
     assert not list(run_dir.glob("*.tmp"))
     assert recorder.records == [{"kind": "downstream", **r} for r in records]  # a tracked run gets them too
 
     fig = draw_run(read_run(run_dir))
-    panels = {ax.get_title(): ax for ax in fig.axes[2:]}
-    assert list(panels) == ["copa", "hellaswag"]
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert list(panels) == ["copa", TASK, "hellaswag"]  # no loss panel: the run has no log
+    by_task = lambda task: [r for r in records if r["task"] == task]
     assert list(panels["hellaswag"].lines[0].get_xdata()) == [10, 20]
-    assert list(panels["hellaswag"].lines[0].get_ydata()) == [
-        r["acc_norm"] for r in records if r["task"] == "hellaswag"
-    ]
-    assert [line.get_ydata()[0] for line in panels["hellaswag"].lines[1:]] == [GPT2_124M_HARNESS["hellaswag"]]
+    assert list(panels["hellaswag"].lines[0].get_ydata()) == [r["acc_norm"] for r in by_task("hellaswag")]
+    assert list(panels["copa"].lines[0].get_ydata()) == [r["acc"] for r in by_task("copa")]
+    assert [line.get_ydata()[0] for line in panels["hellaswag"].lines[1:]] == list(REFERENCES["hellaswag"].values())
     assert len(panels["copa"].lines) == 1  # no published GPT-2 reference
 
 
@@ -234,6 +275,7 @@ def test_one_line_errors(tiny, tmp_path, monkeypatch):
         return str(e.value)
 
     assert "unknown task 'arc_eazy' (did you mean 'arc_easy'?)" in error(load_tasks, ["arc_eazy"])
+    assert f"(did you mean '{TASK}'?)" in error(load_tasks, ["hellaswag_nanogtp"])
     assert "piqa_validation.jsonl does not exist" in error(load_tasks, ["piqa"], tmp_path)
     (tmp_path / "gsm8k_validation.jsonl").write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
     assert "generation tasks (output_type generate_until) are not supported" in error(load_tasks, ["gsm8k"], tmp_path)
@@ -242,6 +284,15 @@ def test_one_line_errors(tiny, tmp_path, monkeypatch):
     assert error(lm.generate_until, [request]).startswith("gsm8k: generation tasks")
     assert "a continuation of 129 tokens" in error(lm._loglikelihood_tokens, [(None, [1], [2] * (BLOCK + 1))])
     assert "batch_size must be a positive" in error(PipelineLM, str(tiny[0]), 0)
-    assert "--out summarises one model" in error(run, EvaluateConfig(target=str(tiny[0].parent), out=tmp_path / "x"))
+    assert "--out and --predictions score one model" in error(
+        run, EvaluateConfig(target=str(tiny[0].parent), out=tmp_path / "x")
+    )
+    with pytest.raises(UserError, match=f"add {TASK} to --tasks"):
+        EvaluateConfig(target=str(tiny[0]), tasks="copa", predictions=tmp_path / "p.jsonl")
+    assert "--tasks is empty" in error(task_names, " , ")
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the [eval] extra were not installed
     assert "pip install -e '.[eval]'" in error(require_harness)
+    # eval_hellaswag.py needs no harness: its one task is ours
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text((FIXTURES / "hellaswag_validation.jsonl").read_text().split("\n", 1)[0] + "\n")
+    assert run(HellaSwagConfig(target=str(tiny[0]), hellaswag_data=hs, dtype="fp32", progress=False), print)

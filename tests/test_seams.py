@@ -28,7 +28,8 @@ from gpt2.checkpoint import load_model, model_payload, save_checkpoint
 from gpt2.config import train_config
 from gpt2.data import ValLoader
 from gpt2.distributed import DistContext
-from gpt2.hellaswag import EvalConfig, evaluate, load_examples
+from gpt2.evaluate import HellaSwagConfig
+from gpt2.hellaswag import evaluate, load_examples
 from gpt2.model import GPT
 from gpt2.optim import GroupSpec, Optimizers, adamw, params_by_role
 from gpt2.sample import generate
@@ -243,7 +244,7 @@ def test_convert_reads_build_nanogpt_and_nanogpt_checkpoints_only_with_trust_pic
 PROGRAMS = {
     "prepare_fineweb.py": "gpt2.prepare:PrepareConfig",
     "train.py": "gpt2.config:TrainConfig",
-    "eval_hellaswag.py": "gpt2.hellaswag:EvalConfig",
+    "eval_hellaswag.py": "gpt2.evaluate:HellaSwagConfig",
     "-m gpt2.sample": "gpt2.sample:SampleConfig",
     "-m gpt2.plot": "gpt2.plot:PlotConfig",
     "-m gpt2.export": "gpt2.export:ExportConfig",
@@ -272,6 +273,6 @@ def test_every_programs_help_is_its_dataclass(program):
 
 
 def test_a_renamed_flag_still_works_with_a_note(capsys):
-    cfg = cli.parse(EvalConfig, ["x", "--data", "f.jsonl"], prog="p")
+    cfg = cli.parse(HellaSwagConfig, ["x", "--data", "f.jsonl"], prog="p")
     assert cfg.hellaswag_data == Path("f.jsonl")
     assert "note: --data is deprecated; use --hellaswag-data" in capsys.readouterr().err

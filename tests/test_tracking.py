@@ -22,10 +22,9 @@ from support import write_shards
 
 from gpt2.config import TrainConfig, train_config
 from gpt2.errors import UserError
-from gpt2.runlog import JsonlLog
+from gpt2.rundir import TRACKING_FILE, JsonlLog
 from gpt2.tracking import (
     INSTALL_HINT,
-    TRACKING_FILE,
     Trackers,
     check_available,
     history_at,

@@ -19,11 +19,12 @@ import pytest
 import torch
 from support import ONE_THREAD, ROOT, TINY, Capture, cli_flags, losses, read_log, run_python, tiny, write_shards
 
-from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model
+from gpt2.checkpoint import load_checkpoint, load_model
 from gpt2.config import SIZE_FIELDS, train_config
 from gpt2.data import ValLoader
 from gpt2.errors import UserError
 from gpt2.metrics import datasheet_peak, device_peak, mfu
+from gpt2.rundir import find_checkpoints
 from gpt2.runlog import ConsoleReporter, format_duration
 from gpt2.schedule import lr_multiplier
 from gpt2.tokenizer import EOT_ID, get_encoding
@@ -265,8 +266,12 @@ def test_compiled_run_trains_evaluates_and_samples(synthetic: Path, tmp_path: Pa
 
 
 def test_hellaswag_in_the_loop_matches_the_evaluator_on_the_checkpoint(synthetic: Path, tmp_path: Path):
+    """The trainer's ``hellaswag`` record of a step holds what the evaluation runner's scores record of that step's
+    checkpoint holds (the plot shows both in one panel)."""
     from gpt2.distributed import DistContext
-    from gpt2.hellaswag import evaluate, load_examples
+    from gpt2.evaluate import HellaSwagConfig, run
+    from gpt2.hellaswag import TASK, evaluate, load_examples
+    from gpt2.rundir import read_scores
 
     data = ROOT / "data" / "sample" / "hellaswag_val_200.jsonl"
     cap = Capture()
@@ -278,6 +283,8 @@ def test_hellaswag_in_the_loop_matches_the_evaluator_on_the_checkpoint(synthetic
     model, _ = load_model(tmp_path / "ckpt_000002.pt")
     expected = evaluate(model, load_examples(data, limit=12), DistContext(), dtype="fp32")
     assert (records[1]["acc"], records[1]["acc_norm"]) == (expected.acc, expected.acc_norm)
+    run(HellaSwagConfig(target=str(tmp_path), hellaswag_data=data, limit=12, dtype="fp32", progress=False), print)
+    assert read_scores(tmp_path) == [{"step": 2, "task": TASK, **{k: v for k, v in records[1].items() if k != "kind"}}]
 
 
 def test_init_from_a_hugging_face_directory_starts_from_its_weights(synthetic: Path, tmp_path: Path):
