@@ -44,6 +44,14 @@ class GPTConfig:
     zero_init: bool = False  # zero-initialise the residual output projections (and an untied head)
     logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0: no cap
     bias: bool = True  # biases in the linear layers (and LayerNorms)
+    # The speedrun's second generation, piece by piece (defaults: off, so the blocks above are unchanged).
+    split_qkv: bool = False  # separate query, key and value matrices (c_q, c_k, c_v), which Muon orthogonalises one by one
+    doc_mask: bool = False  # a token attends only within its document; a document starts at each eot_id token
+    eot_id: int = 50256  # the id that starts a document (GPT-2's <|endoftext|>)
+    window_pattern: str = ""  # S (short window) / L (full context) per layer, tiled, the last layer L; "": all L
+    short_window: int = 0  # the keys an S layer's query sees, itself included; 0: a quarter of block_size
+    value_embeds: int = 0  # k tables of value embeddings, added (gated) to V in the first k and the last k layers
+    unet_skips: bool = False  # block i's output is added, with a learned weight, to the input of block n_layer-1-i
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -58,10 +66,37 @@ class GPTConfig:
             raise ValueError(f"rotary embeddings need an even head dimension, got {self.n_embd // self.n_head}")
         if self.norm not in NORMS or self.mlp not in MLPS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)} and mlp one of {', '.join(MLPS)}")
+        if not isinstance(self.window_pattern, str) or set(self.window_pattern.upper()) - set("SL"):
+            raise ValueError(f"window_pattern is a string of S and L (short, long), got {self.window_pattern!r}")
+        if self.short_window < 0 or self.value_embeds < 0 or self.eot_id < 0:
+            raise ValueError("short_window, value_embeds and eot_id must not be negative")
+        if 2 * self.value_embeds > self.n_layer:
+            raise ValueError(
+                f"value_embeds={self.value_embeds} tables serve the first and the last {self.value_embeds} layers: "
+                f"at most n_layer // 2 = {self.n_layer // 2}"
+            )
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Each layer's attention window: how many keys (itself included) a query may see, None for the full
+        context. ``window_pattern`` is tiled over the layers and the last layer always sees the full context
+        (as nanochat does), so the output is never limited to the short range."""
+        pattern = self.window_pattern.upper() or "L"
+        short = self.short_window or max(1, self.block_size // 4)
+        windows = [short if pattern[i % len(pattern)] == "S" else None for i in range(self.n_layer)]
+        windows[-1] = None
+        return windows
+
+    @property
+    def value_embed_layers(self) -> dict[int, int]:
+        """``{layer: table}``: table ``j`` serves layer ``j`` and layer ``n_layer - value_embeds + j`` (the
+        speedrun's 012...012 layout)."""
+        k, n = self.value_embeds, self.n_layer
+        return {**{j: j for j in range(k)}, **{n - k + j: j for j in range(k)}}
 
     def gpt2_compatible(self) -> list[str]:
         """What keeps this architecture from being OpenAI's GPT-2 (empty: it is GPT-2)."""
@@ -69,7 +104,7 @@ class GPTConfig:
         return [
             f"{f.name}={getattr(self, f.name)!r}"
             for f in fields(self)
-            if f.name in MODERN_FIELDS and getattr(self, f.name) != getattr(defaults, f.name)
+            if f.name in MODERN_FIELDS + SPEEDRUN_FIELDS and getattr(self, f.name) != getattr(defaults, f.name)
         ]
 
     @property
@@ -101,6 +136,8 @@ class GPTConfig:
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2")
 MODERN_FIELDS = ("rope_theta", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init", "logit_softcap", "bias")
+# The second generation's switches (not in the v1 recipes; eot_id matters only with doc_mask).
+SPEEDRUN_FIELDS = ("split_qkv", "doc_mask", "window_pattern", "short_window", "value_embeds", "unet_skips")
 
 
 PRESETS: dict[str, dict[str, int]] = {
