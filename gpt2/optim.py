@@ -3,10 +3,12 @@ weight decay, stepped together under one learning-rate schedule.
 
 Roles (every trainable parameter has exactly one; a tied head is the embedding and counted once):
 
-- ``embeddings``: token and position embedding tables;
-- ``matrices``: the 2-D weights inside the transformer blocks;
+- ``embeddings``: lookup tables: token, position and value embeddings;
+- ``matrices``: the 2-D weights inside the transformer blocks that act on the residual stream (q, k, v, the
+  projections, the MLP);
 - ``head``: the output projection, when it is not tied to the token embedding;
-- ``gains``: biases and normalization gains (1-D).
+- ``gains``: biases, normalization gains and the other few scalars and gates that scale a path rather than
+  transform it (U-net skip weights; the value-embedding gates, 2-D but tiny: n_head x 12).
 
 The GPT-2 recipe is AdamW over all of them at one learning rate, with weight decay on the >= 2-D
 tensors only, as in GPT-3 and build-nanogpt. Each group carries ``base_lr``; the schedule multiplies it.
@@ -31,8 +33,8 @@ ROLES = ("embeddings", "matrices", "head", "gains")
 
 def params_by_role(model: GPT) -> dict[str, list[nn.Parameter]]:
     """Every trainable parameter under its role, in ``model.parameters()`` order within a role."""
-    tables = [model.transformer.wte] + ([model.transformer.wpe] if "wpe" in model.transformer else [])
-    embeddings = {id(table.weight) for table in tables}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    gates = {id(m.weight) for m in model.modules() if getattr(m, "gate", False)}
     head = model.lm_head.weight
     roles: dict[str, list[nn.Parameter]] = {role: [] for role in ROLES}
     for p in model.parameters():  # a tied weight is listed once
@@ -42,7 +44,7 @@ def params_by_role(model: GPT) -> dict[str, list[nn.Parameter]]:
             roles["embeddings"].append(p)
         elif p is head:
             roles["head"].append(p)
-        elif p.dim() >= 2:
+        elif p.dim() >= 2 and id(p) not in gates:
             roles["matrices"].append(p)
         else:
             roles["gains"].append(p)
