@@ -45,7 +45,7 @@ class GPTConfig:
     logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0: no cap
     bias: bool = True  # biases in the linear layers (and LayerNorms)
     # The speedrun's second generation, piece by piece (defaults: off, so the blocks above are unchanged).
-    split_qkv: bool = False  # separate query, key and value matrices (c_q, c_k, c_v), which Muon orthogonalises one by one
+    split_qkv: bool = False  # separate query, key and value matrices (c_q, c_k, c_v): Muon orthogonalises each
     doc_mask: bool = False  # a token attends only within its document; a document starts at each eot_id token
     eot_id: int = 50256  # the id that starts a document (GPT-2's <|endoftext|>)
     window_pattern: str = ""  # S (short window) / L (full context) per layer, tiled, the last layer L; "": all L

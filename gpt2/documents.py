@@ -248,11 +248,9 @@ class DocumentLoader:
             return
         at = int(np.argmax(row >= self.stream.vocab_size))
         token = int(row[at])
-        for start, n in pieces:  # the stream position of the row's first bad token
-            if at < n:
-                break
-            at -= n
-        position = start + at
+        ends = np.cumsum([n for _, n in pieces])
+        piece = int(np.searchsorted(ends, at, side="right"))  # the piece holding the row's first bad token
+        position = pieces[piece][0] + at - (int(ends[piece - 1]) if piece else 0)
         k = self.stream.shard_of(position)
         offset = position - int(self.stream.offsets[k])
         raise UserError(

@@ -1,8 +1,8 @@
 """The GPT model: pre-norm transformer blocks with causal flash attention (SDPA).
 
 By default it is exactly OpenAI's GPT-2 (learned positions, LayerNorm, GELU, tied head, biases). The fields
-of ``GPTConfig`` (``gpt2.config``) after ``vocab_multiple`` switch on the modern block one piece at a time (rotary positions,
-RMSNorm, QK-norm, ReLU², an untied head, zero-initialised output projections, a logit soft-cap, no biases);
+of ``GPTConfig`` (``gpt2.config``) after ``vocab_multiple`` switch on the modern block one piece at a time (rotary
+positions, RMSNorm, QK-norm, ReLU², an untied head, zero-initialised output projections, a logit soft-cap, no biases);
 ``--recipe modern`` turns them all on. Parameter names follow GPT-2 as Hugging Face spells them
 (``transformer.h.0.attn.c_attn``...), so GPT-2 weights move in and out with nothing but a transpose of the
 Conv1D matrices (see ``gpt2.hf``).
@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from gpt2.config import GPTConfig
