@@ -23,8 +23,8 @@ from gpt2.config import GPTConfig
 from gpt2.loss import IGNORE_INDEX, fused_cross_entropy
 
 VE_GATE_CHANNELS = 12  # a value embedding's gate reads this many channels of the attention input (nanochat)
-# How a masked (document or windowed) training forward attends: "auto" takes flex_attention where it is fast
-# (under torch.compile on CUDA, at a fixed shape) and an SDPA boolean mask elsewhere (see bench/bench_masks.py);
+# How a masked (document or windowed) forward without a caller's mask attends: "auto" takes flex_attention where
+# it is fast (under torch.compile on CUDA) and an SDPA boolean mask elsewhere (see bench/bench_masks.py);
 # "sdpa" and "flex" force one (tests and benchmarks).
 MASKED_ATTENTION = "auto"
 FLEX_DEVICES = ("cuda",)  # where "auto" compiles flex_attention
@@ -195,11 +195,9 @@ def use_flex(idx: torch.Tensor) -> bool:
     """Whether the training forward attends through flex_attention (see ``MASKED_ATTENTION``)."""
     if MASKED_ATTENTION != "auto":
         return MASKED_ATTENTION == "flex"
-    # Eager flex_attention materialises every score (slower than SDPA's masked kernels), and a compiled one
-    # recompiles for each new length (sampling grows the context one token at a time): flex only under
-    # torch.compile at a fixed shape.
-    static = not isinstance(idx.size(1), torch.SymInt)
-    return torch.compiler.is_compiling() and static and idx.device.type in FLEX_DEVICES
+    # Eager flex_attention materialises every score (SDPA's masked kernels are faster), and on CPU it has no
+    # backward (torch 2.13): flex only where torch.compile turns it into a kernel that skips masked blocks.
+    return torch.compiler.is_compiling() and idx.device.type in FLEX_DEVICES
 
 
 class GPT(nn.Module):
