@@ -110,7 +110,7 @@ def test_a_row_of_documents_equals_each_document_run_alone(windows):
 
 @torch.no_grad()
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_flex_attention_equals_sdpa_in_the_model_forward(monkeypatch, compile):
     """The flex path (the GPU one) computes what the SDPA path computes, checked on CPU eager and compiled. Forward
     only: torch 2.13's flex_attention has no backward on CPU, which is one reason "auto" never picks it there."""
@@ -124,6 +124,7 @@ def test_flex_attention_equals_sdpa_in_the_model_forward(monkeypatch, compile):
     torch.testing.assert_close(logits["flex"], logits["sdpa"], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @torch.no_grad()  # flex has no backward on CPU (see above)
 def test_auto_uses_flex_only_under_compile_on_a_flex_device(monkeypatch):
     seen = []
