@@ -111,7 +111,7 @@ def step_timings(args: argparse.Namespace, T: int) -> dict[str, float]:
             torch._dynamo.reset()
             forward = torch.compile(model) if compile else model
 
-            def step() -> None:
+            def step(model: GPT = model, forward: Callable = forward) -> None:
                 model.zero_grad(set_to_none=True)
                 forward(idx, idx)[1].backward()
 
