@@ -2,7 +2,8 @@
 and windows cost a training step, to choose ``gpt2.model``'s CPU path.
 
 Rows hold documents of random lengths (mean ``--doc-tokens``); the mask is causal, within documents, and, for the
-windowed case, within ``--window`` keys. Every time is the median of ``--repeats`` runs after warm-up.
+windowed case, within ``--window`` keys. Every time is the median of ``--repeats`` rounds after warm-up, the variants
+of a table run round-robin within each round (on a shared machine, load then falls on all of them alike).
 
 1. The attention op alone, forward (what validation and scoring run): SDPA ``is_causal`` (no mask: the unmasked
    baseline), SDPA with the boolean mask (mask building included), flex_attention eager and compiled (block mask
@@ -33,15 +34,19 @@ EOT = 50256
 MODERN = dict(rope_theta=10000.0, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False, bias=False)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each function, run round-robin (one call of each per round), so that load from other
+    processes on a shared machine falls on all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def document_rows(B: int, T: int, doc_tokens: int, seed: int = 0) -> torch.Tensor:
@@ -69,29 +74,33 @@ def op_timings(B: int, H: int, T: int, D: int, doc_tokens: int, window: int | No
     docs = (idx == EOT).cumsum(1)
     q, k, v = torch.randn(3, B, H, T, D).unbind(0)
     compiled_flex = torch.compile(flex_attention, dynamic=False)
-    out: dict[str, float] = {}
-    with torch.no_grad():
-        out["fwd sdpa causal (no mask)"] = median_seconds(
-            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats
-        )
-        out["fwd sdpa bool mask"] = median_seconds(
-            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(idx, window)), repeats
-        )
-        out["fwd flex eager"] = median_seconds(
-            lambda: flex_attention(q, k, v, block_mask=flex_block_mask(docs, window, B, T, q.device)), repeats
-        )
-        out["fwd flex compiled"] = median_seconds(
-            lambda: compiled_flex(q, k, v, block_mask=flex_block_mask(docs, window, B, T, q.device)), repeats
-        )
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+    @torch.no_grad()
+    def forward(kind: str) -> None:
+        if kind == "causal":
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif kind == "sdpa":
+            F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(idx, window))
+        else:
+            flex = flex_attention if kind == "flex eager" else compiled_flex
+            flex(q, k, v, block_mask=flex_block_mask(docs, window, B, T, q.device))
 
     def backward(mask: torch.Tensor | None) -> None:
         y = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, is_causal=mask is None)
         y.sum().backward()
 
-    out["fwd+bwd sdpa causal (no mask)"] = median_seconds(lambda: backward(None), repeats)
-    out["fwd+bwd sdpa bool mask"] = median_seconds(lambda: backward(sdpa_mask(idx, window)), repeats)
-    return out
+    return interleaved_medians(
+        {
+            "fwd sdpa causal (no mask)": lambda: forward("causal"),
+            "fwd sdpa bool mask": lambda: forward("sdpa"),
+            "fwd flex eager": lambda: forward("flex eager"),
+            "fwd flex compiled": lambda: forward("flex compiled"),
+            "fwd+bwd sdpa causal (no mask)": lambda: backward(None),
+            "fwd+bwd sdpa bool mask": lambda: backward(sdpa_mask(idx, window)),
+        },
+        repeats,
+    )
 
 
 def step_timings(args: argparse.Namespace, T: int) -> dict[str, float]:
@@ -102,21 +111,20 @@ def step_timings(args: argparse.Namespace, T: int) -> dict[str, float]:
         "+ doc_mask": dict(doc_mask=True),
         "+ doc_mask + windows SSSL": dict(doc_mask=True, window_pattern="SSSL", short_window=args.window),
     }
-    out = {}
+    steps = {}
     for compile in (False, True):
         for name, extra in variants.items():
             torch.manual_seed(0)
             model = GPT(GPTConfig(block_size=T, n_layer=args.n_layer, n_head=args.n_embd // 64, n_embd=args.n_embd,
                                   vocab_multiple=64, **MODERN, **extra))  # fmt: skip
-            torch._dynamo.reset()
             forward = torch.compile(model) if compile else model
 
             def step(model: GPT = model, forward: Callable = forward) -> None:
                 model.zero_grad(set_to_none=True)
                 forward(idx, idx)[1].backward()
 
-            out[f"{'compiled' if compile else 'eager'} {name}"] = median_seconds(step, args.repeats)
-    return out
+            steps[f"{'compiled' if compile else 'eager'} {name}"] = step
+    return interleaved_medians(steps, args.repeats)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--window", type=int, default=128, help="the short window (tokens)")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-steps", action="store_true", help="only the attention op")
