@@ -173,3 +173,23 @@ def test_data_without_documents_or_with_foreign_tokens_is_one_clear_error(tmp_pa
     (loader,) = loaders(tmp_path / "data", 1, 6, vocab_size=1000)
     with pytest.raises(UserError, match=r"train_0000\d\d\.npy holds token id \d+ at offset \d+"):
         loader.next_batch()
+
+
+def test_the_trainer_resumes_a_document_aligned_run_bit_identically(tmp_path: Path, monkeypatch) -> None:
+    """Through the trainer and its checkpoints (the loader swapped in where the trainer builds TrainLoader, as a
+    data-layout flag will): a run stopped after step 4 and resumed logs the losses of an uninterrupted run."""
+    from support import Capture, losses, read_log, tiny
+
+    from gpt2 import trainer as trainer_module
+    from gpt2.trainer import StopRequest, train
+
+    make_documents(tmp_path / "data", n_docs=400)
+    monkeypatch.setattr(trainer_module, "TrainLoader", lambda *a, **kw: DocumentLoader(*a, buffer_docs=16, **kw))
+    run = dict(vocab_size=50257, seq_len=SEQ_LEN, batch_tokens=4 * SEQ_LEN, max_steps=9, eval_every=3,
+               val_tokens=4 * SEQ_LEN, save_every=2)  # fmt: skip
+    train(tiny(tmp_path / "data", tmp_path / "straight", **run))
+    stop = StopRequest()
+    train(tiny(tmp_path / "data", tmp_path / "resumed", **run), Capture(stop, stop_after=4), stop)
+    train(tiny(tmp_path / "data", tmp_path / "resumed", **run))
+    for kind in ("train", "val"):
+        assert losses(read_log(tmp_path / "resumed"), kind) == losses(read_log(tmp_path / "straight"), kind)
