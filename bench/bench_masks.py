@@ -9,7 +9,7 @@ of a table run round-robin within each round (on a shared machine, load then fal
    baseline), SDPA with the boolean mask (mask building included), flex_attention eager and compiled (block mask
    building included). Forward + backward: SDPA only, because torch 2.13's flex_attention has no backward on CPU.
 2. A whole training step (forward + backward) of a small model, eager and compiled: the modern block with causal
-   attention (modern-v1) vs. the same with document masks, and with document masks + windows (SDPA mask path).
+   attention (modern-v1) vs. the same with each second-generation piece, and with all of them (masks: SDPA path).
 
     .venv/bin/python bench/bench_masks.py --seq-len 512 1024 --threads 1
 """
@@ -106,10 +106,15 @@ def op_timings(B: int, H: int, T: int, D: int, doc_tokens: int, window: int | No
 def step_timings(args: argparse.Namespace, T: int) -> dict[str, float]:
     """Seconds per training step (forward + backward) of the small model, per variant and compile mode."""
     idx = document_rows(args.micro_batch, T, args.doc_tokens, seed=1)
+    every = dict(doc_mask=True, window_pattern="SSSL", short_window=args.window, split_qkv=True, value_embeds=1,
+                 unet_skips=True)  # fmt: skip
     variants = {
         "modern-v1 (causal)": {},
         "+ doc_mask": dict(doc_mask=True),
         "+ doc_mask + windows SSSL": dict(doc_mask=True, window_pattern="SSSL", short_window=args.window),
+        "+ split_qkv": dict(split_qkv=True),
+        "+ value_embeds 1 + unet_skips": dict(value_embeds=1, unet_skips=True),
+        "+ every piece": every,
     }
     steps = {}
     for compile in (False, True):
@@ -141,12 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-steps", action="store_true", help="only the attention op")
+    p.add_argument("--no-ops", action="store_true", help="only the training steps")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_module.MASKED_ATTENTION = "auto"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); medians of {args.repeats} runs (ms)")
     for T in args.seq_len:
-        for window in (None, args.window):
+        for window in () if args.no_ops else (None, args.window):
             what = f"T={T}, batch {args.batch} x {args.heads} heads x {args.head_dim}, docs ~{args.doc_tokens} tokens"
             print(f"\nattention op, {what}, window {window or 'none'}")
             for name, seconds in op_timings(
