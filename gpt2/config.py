@@ -48,6 +48,14 @@ class GPTConfig:
     zero_init: bool = False  # zero-initialise the residual output projections (and an untied head)
     logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0: no cap
     bias: bool = True  # biases in the linear layers (and LayerNorms)
+    # The speedrun's second generation, piece by piece (defaults: off, so the blocks above are unchanged).
+    split_qkv: bool = False  # separate query, key and value matrices (c_q, c_k, c_v): Muon orthogonalises each
+    doc_mask: bool = False  # a token attends only within its document; a document starts at each eot_id token
+    eot_id: int = 50256  # the id that starts a document (GPT-2's <|endoftext|>)
+    window_pattern: str = ""  # S (short window) / L (full context) per layer, tiled, the last layer L; "": all L
+    short_window: int = 0  # the keys an S layer's query sees, itself included; 0: a quarter of block_size
+    value_embeds: int = 0  # k tables of value embeddings, added (gated) to V in the first k and the last k layers
+    unet_skips: bool = False  # block i's output is added, with a learned weight, to the input of block n_layer-1-i
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -62,10 +70,37 @@ class GPTConfig:
             raise ValueError(f"rotary embeddings need an even head dimension, got {self.n_embd // self.n_head}")
         if self.norm not in NORMS or self.mlp not in MLPS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)} and mlp one of {', '.join(MLPS)}")
+        if not isinstance(self.window_pattern, str) or set(self.window_pattern.upper()) - set("SL"):
+            raise ValueError(f"window_pattern is a string of S and L (short, long), got {self.window_pattern!r}")
+        if self.short_window < 0 or self.value_embeds < 0 or self.eot_id < 0:
+            raise ValueError("short_window, value_embeds and eot_id must not be negative")
+        if 2 * self.value_embeds > self.n_layer:
+            raise ValueError(
+                f"value_embeds={self.value_embeds} tables serve the first and the last {self.value_embeds} layers: "
+                f"at most n_layer // 2 = {self.n_layer // 2}"
+            )
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Each layer's attention window: how many keys (itself included) a query may see, None for the full
+        context. ``window_pattern`` is tiled over the layers and the last layer always sees the full context
+        (as nanochat does), so the output is never limited to the short range."""
+        pattern = self.window_pattern.upper() or "L"
+        short = self.short_window or max(1, self.block_size // 4)
+        windows = [short if pattern[i % len(pattern)] == "S" else None for i in range(self.n_layer)]
+        windows[-1] = None
+        return windows
+
+    @property
+    def value_embed_layers(self) -> dict[int, int]:
+        """``{layer: table}``: table ``j`` serves layer ``j`` and layer ``n_layer - value_embeds + j`` (the
+        speedrun's 012...012 layout)."""
+        k, n = self.value_embeds, self.n_layer
+        return {**{j: j for j in range(k)}, **{n - k + j: j for j in range(k)}}
 
     def gpt2_compatible(self) -> list[str]:
         """What keeps this architecture from being OpenAI's GPT-2 (empty: it is GPT-2)."""
@@ -73,7 +108,7 @@ class GPTConfig:
         return [
             f"{f.name}={getattr(self, f.name)!r}"
             for f in fields(self)
-            if f.name in MODERN_FIELDS and getattr(self, f.name) != getattr(defaults, f.name)
+            if f.name in MODERN_FIELDS + SPEEDRUN_FIELDS and getattr(self, f.name) != getattr(defaults, f.name)
         ]
 
     @property
@@ -105,6 +140,8 @@ class GPTConfig:
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2")
 MODERN_FIELDS = ("rope_theta", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init", "logit_softcap", "bias")
+# The second generation's switches (not in the v1 recipes; eot_id matters only with doc_mask).
+SPEEDRUN_FIELDS = ("split_qkv", "doc_mask", "window_pattern", "short_window", "value_embeds", "unet_skips")
 
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -118,6 +155,7 @@ PRESETS: dict[str, dict[str, int]] = {
 
 PADDED_VOCAB_MULTIPLE = 64  # 50257 -> 50304 rows: aligned matmuls on GPUs, never predicted (logits are cut)
 OPTIMIZERS = ("adamw", "muon")
+DATA_LAYOUTS = ("windows", "documents")
 SCHEDULES = ("cosine", "wsd")
 ADAMW_LR = 6e-4  # GPT-3 Small's AdamW rate (the hidden matrices under --optimizer adamw)
 MUON_LR = 0.02  # torch.optim.Muon's rate for the hidden matrices (the modern recipe's, bench/bench_recipe.py)
@@ -160,8 +198,27 @@ class TrainConfig:
     zero_init: bool = option(help="zero-initialise the residual output projections and an untied head (recipe)")
     logit_softcap: float = option(help="logits = cap * tanh(logits / cap); 0: off (recipe)")
     bias: bool = option(help="biases in linear layers and LayerNorms (recipe)")
+    split_qkv: bool = option(
+        help="separate query, key and value matrices, which Muon orthogonalises one by one (recipe)"
+    )
+    doc_mask: bool = option(help="a token attends only within its document (from its <|endoftext|> on) (recipe)")
+    window_pattern: str = option(
+        help="attention window per layer: S short, L full context, tiled over the layers (the last always L); "
+        "empty: all L (recipe)"
+    )
+    short_window: int = option(help="the keys an S layer's query sees, itself included; 0: --block-size / 4 (recipe)")
+    value_embeds: int = option(
+        help="value-embedding tables, each added (gated) to the values of one of the first and one of the last "
+        "layers (recipe)"
+    )
+    unet_skips: bool = option(help="block i's output, with a learned weight, into block n_layer-1-i's input (recipe)")
     init_from: str | None = option(None, "start from pretrained weights: a hub id (gpt2 ... gpt2-xl) or a HF directory")
     seq_len: int = option(1024, "tokens per training sequence")
+    data_layout: str = option(
+        help="training rows: windows of the token stream, or documents: rows that each start at a document, "
+        "packed best-fit from a buffer (nanochat) (recipe)", choices=DATA_LAYOUTS,
+    )  # fmt: skip
+    buffer_docs: int = option(1000, "documents layout: documents in the best-fit buffer")
     micro_batch: int = option(64, "sequences per forward/backward on each process")
     batch_tokens: int = option(524288, "tokens per optimizer step over all processes (2**19, as in GPT-3 Small)")
     max_steps: int = option(19073, "optimizer steps (19073 x 524288 tokens = one epoch of FineWeb-Edu 10B)")
@@ -170,6 +227,12 @@ class TrainConfig:
         f"the recipe's brings its own --lr (adamw {ADAMW_LR:g}, muon {MUON_LR:g}; --min-lr keeps its fraction of "
         f"--lr, and AdamW's other groups keep their rates) (recipe)", choices=OPTIMIZERS,
     )  # fmt: skip
+    muon_ns_steps: int = option(help="Newton-Schulz steps of Muon's orthogonalisation (recipe)")
+    muon_polar_express: bool = option(help="Muon orthogonalises with Polar Express's per-step coefficients (recipe)")
+    normuon_beta2: float = option(
+        help="NorMuon: each neuron's share of a Muon update divided by the root of an EMA (this beta2) of its mean "
+        "square; 0: off (recipe)"
+    )
     lr: float = option(help="peak learning rate of the hidden matrices (recipe)")
     embed_lr: float | None = option(help="peak learning rate of the embeddings (recipe; unset: --lr)")
     head_lr: float | None = option(help="peak learning rate of an untied head (recipe; unset: --lr)")
@@ -221,10 +284,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "seq_len", "micro_batch",
-                    "batch_tokens", "max_steps", "num_samples", "max_new_tokens", "lr")  # fmt: skip
+                    "batch_tokens", "max_steps", "num_samples", "max_new_tokens", "lr", "buffer_docs",
+                    "muon_ns_steps")  # fmt: skip
         non_negative = ("warmup_steps", "eval_every", "val_tokens", "sample_every", "hellaswag_every",
                         "save_every", "keep_last", "seed", "grad_clip", "weight_decay", "min_lr", "rope_theta",
-                        "logit_softcap")  # fmt: skip
+                        "logit_softcap", "short_window", "value_embeds", "normuon_beta2")  # fmt: skip
         for name in positive + ("embed_lr", "head_lr", "gains_lr", "hellaswag_limit"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -233,7 +297,8 @@ class TrainConfig:
             if (getattr(self, name) or 0) < 0:
                 raise UserError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
         for name, allowed in (("recipe", RECIPES), ("model", PRESETS), ("norm", NORMS), ("mlp", MLPS),
-                              ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("device", DEVICES),
+                              ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("data_layout", DATA_LAYOUTS),
+                              ("device", DEVICES),
                               ("dtype", DTYPES)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {flag(name)} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
@@ -245,6 +310,8 @@ class TrainConfig:
             raise UserError("--warmup-frac and --cooldown-frac are fractions of --max-steps: between 0 and 1")
         if self.warmup() > self.max_steps:
             raise UserError(f"--warmup-steps {self.warmup()} exceeds --max-steps {self.max_steps}")
+        if self.normuon_beta2 >= 1:
+            raise UserError(f"--normuon-beta2 must be below 1, got {self.normuon_beta2}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
             raise UserError("AdamW needs 0 <= --beta1, --beta2 < 1 and --eps > 0")
         if self.init_from is not None and self.architecture() != GPT2_BLOCK:
@@ -256,8 +323,8 @@ class TrainConfig:
         return self.warmup_steps if self.warmup_steps is not None else round(self.warmup_frac * self.max_steps)
 
     def architecture(self) -> dict[str, Any]:
-        """The block's switches (rotary, norm, ...) as ``GPTConfig`` fields."""
-        return {name: getattr(self, name) for name in MODERN_FIELDS}
+        """The block's switches (rotary, norm, ..., windows, ...) as ``GPTConfig`` fields."""
+        return {name: getattr(self, name) for name in BLOCK_FIELDS}
 
     def model_config(self) -> GPTConfig:
         """The architecture to train from scratch, its vocabulary padded to 64 (the rows past the tokenizer's ids
@@ -297,7 +364,8 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 # Recipes and the pieces a flag selects
 
-GPT2_BLOCK = {f.name: f.default for f in fields(GPTConfig) if f.name in MODERN_FIELDS}
+BLOCK_FIELDS = MODERN_FIELDS + SPEEDRUN_FIELDS  # the block's switches, GPT-2's by default
+GPT2_BLOCK = {f.name: f.default for f in fields(GPTConfig) if f.name in BLOCK_FIELDS}
 MODERN_BLOCK = dict(rope_theta=10000.0, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False,
                     zero_init=True, logit_softcap=0.0, bias=False)  # fmt: skip
 
@@ -307,9 +375,10 @@ def gpt2_recipe() -> TrainConfig:
     LayerNorm, GELU, tied head, biases); AdamW (0.9, 0.95, eps 1e-8, weight decay 0.1) at 6e-4 on every group;
     715 warmup steps, then cosine to 10%."""
     return TrainConfig(
-        recipe="gpt2", **PRESETS["gpt2"], **GPT2_BLOCK, optimizer="adamw", lr=ADAMW_LR, embed_lr=None, head_lr=None,
-        gains_lr=None, min_lr=6e-5, schedule="cosine", warmup_steps=715, warmup_frac=None, cooldown_frac=0.4,
-        weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8,
+        recipe="gpt2", **PRESETS["gpt2"], **GPT2_BLOCK, data_layout="windows", optimizer="adamw", muon_ns_steps=5,
+        muon_polar_express=False, normuon_beta2=0.0, lr=ADAMW_LR, embed_lr=None, head_lr=None, gains_lr=None,
+        min_lr=6e-5, schedule="cosine", warmup_steps=715, warmup_frac=None, cooldown_frac=0.4, weight_decay=0.1,
+        beta1=0.9, beta2=0.95, eps=1e-8,
     )  # fmt: skip
 
 

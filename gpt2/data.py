@@ -300,6 +300,11 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue with the global step after the saved one; refuse a state that belongs to a different run."""
+        if state.get("layout", "windows") != "windows":
+            raise UserError(
+                f"cannot resume the data order: the checkpoint was trained on rows laid out by {state['layout']!r}, "
+                "this run on windows of the token stream; resume with the checkpoint's data layout"
+            )
         flags = {"seed": "--seed", "shuffle": "shuffle", "seq_len": "--seq-len", "batch_tokens": "--batch-tokens"}
         identity = self._identity()
         mismatches = [

@@ -3,10 +3,12 @@ weight decay, stepped together under one learning-rate schedule.
 
 Roles (every trainable parameter has exactly one; a tied head is the embedding and counted once):
 
-- ``embeddings``: token and position embedding tables;
-- ``matrices``: the 2-D weights inside the transformer blocks;
+- ``embeddings``: lookup tables: token, position and value embeddings;
+- ``matrices``: the 2-D weights inside the transformer blocks that act on the residual stream (q, k, v, the
+  projections, the MLP);
 - ``head``: the output projection, when it is not tied to the token embedding;
-- ``gains``: biases and normalization gains (1-D).
+- ``gains``: biases, normalization gains and the other few scalars and gates that scale a path rather than
+  transform it (U-net skip weights; the value-embedding gates, 2-D but tiny: n_head x 12).
 
 The GPT-2 recipe is AdamW over all of them at one learning rate, with weight decay on the >= 2-D
 tensors only, as in GPT-3 and build-nanogpt. Each group carries ``base_lr``; the schedule multiplies it.
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from gpt2.errors import UserError
 from gpt2.model import GPT
@@ -32,8 +35,8 @@ ROLES = ("embeddings", "matrices", "head", "gains")
 
 def params_by_role(model: GPT) -> dict[str, list[nn.Parameter]]:
     """Every trainable parameter under its role, in ``model.parameters()`` order within a role."""
-    tables = [model.transformer.wte] + ([model.transformer.wpe] if "wpe" in model.transformer else [])
-    embeddings = {id(table.weight) for table in tables}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    gates = {id(m.weight) for m in model.modules() if getattr(m, "gate", False)}
     head = model.lm_head.weight
     roles: dict[str, list[nn.Parameter]] = {role: [] for role in ROLES}
     for p in model.parameters():  # a tied weight is listed once
@@ -43,7 +46,7 @@ def params_by_role(model: GPT) -> dict[str, list[nn.Parameter]]:
             roles["embeddings"].append(p)
         elif p is head:
             roles["head"].append(p)
-        elif p.dim() >= 2:
+        elif p.dim() >= 2 and id(p) not in gates:
             roles["matrices"].append(p)
         else:
             roles["gains"].append(p)
@@ -140,13 +143,115 @@ def _regrouped(saved: dict[str, Any], opt: torch.optim.Optimizer) -> dict[str, A
     return {"state": saved["state"], "param_groups": groups}
 
 
+# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932): a different (a, b, c) at each of five
+# iterations, computed for safety factor 2e-2 and cushion 2; the coefficients modded-nanogpt and nanochat use.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def polar_express(
+    G: torch.Tensor, coefficients: tuple[tuple[float, float, float], ...] = POLAR_EXPRESS
+) -> torch.Tensor:
+    """The orthogonal polar factor of ``G`` by Polar Express, in bf16: scaled just below unit Frobenius norm, then
+    X <- aX + (bA + cA^2)X with A = XX^T for each step's (a, b, c), on the wide orientation."""
+    X = G.bfloat16()
+    tall = X.size(0) > X.size(1)
+    X = X.T if tall else X
+    X = X / (X.norm() * 1.01 + 1e-6)
+    for a, b, c in coefficients:
+        A = X @ X.T
+        B = torch.addmm(A, A, A, beta=b, alpha=c)  # bA + cA^2
+        X = torch.addmm(X, B, X, beta=a)  # aX + BX
+    return X.T if tall else X
+
+
+def normuon_scale(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon (arXiv:2510.05491, as modded-nanogpt and nanochat apply it): each neuron's (row's, or for a wide
+    matrix column's) share of an orthogonalised update is divided by the root of an EMA of its mean square, then
+    the whole update is rescaled to its former Frobenius norm, so only the balance between neurons changes.
+    ``second_moment`` (rows x 1, or 1 x columns) is updated in place."""
+    dim = -1 if update.size(-2) >= update.size(-1) else -2
+    mean_square = update.float().square().mean(dim=dim, keepdim=True)
+    second_moment.lerp_(mean_square, 1 - beta2)
+    scaled = update.float() * second_moment.clamp_min(1e-10).rsqrt()
+    return scaled * (update.float().norm() / scaled.norm().clamp_min(1e-10))
+
+
+class NorMuon(torch.optim.Muon):
+    """``torch.optim.Muon`` with two refinements of the speedrun, each optional: Polar Express coefficients for the
+    orthogonalisation (``polar_express``) and NorMuon's neuron-wise normalisation (``beta2`` > 0).
+
+    Written here because no maintained package provides them in a form that takes these parameter groups:
+    torch.optim.Muon takes one fixed (a, b, c) and has no normalisation; heavyball 3.2.1 has no NorMuon and offers
+    Polar Express only as a module-wide switch, for square matrices only, inside its own optimizer framework. With
+    both off, a step is torch.optim.Muon's exactly (same momentum, Newton-Schulz, learning-rate adjustment and
+    weight decay, and the same ``momentum_buffer`` state).
+    """
+
+    def __init__(self, params: Any, *, polar_express: bool = False, beta2: float = 0.0, **muon: Any) -> None:
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"NorMuon's beta2 must be in [0, 1), got {beta2}")
+        super().__init__(params, **muon)
+        for group in self.param_groups:
+            group.setdefault("polar_express", polar_express)
+            group.setdefault("beta2", beta2)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                if group["polar_express"]:
+                    update = polar_express(update)
+                else:
+                    update = _zeropower_via_newtonschulz(
+                        update, group["ns_coefficients"], group["ns_steps"], group["eps"]
+                    )
+                if group["beta2"]:
+                    if "second_moment" not in state:
+                        rows, cols = p.shape
+                        shape = (rows, 1) if rows >= cols else (1, cols)
+                        state["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                    update = normuon_scale(update, state["second_moment"], group["beta2"])
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def muon(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """torch.optim.Muon (momentum 0.95, Nesterov, ``--muon-ns-steps``) over ``groups``; ``NorMuon`` where a
+    refinement is asked for (``--muon-polar-express``, ``--normuon-beta2``)."""
+    kwargs = dict(momentum=0.95, nesterov=True, ns_steps=cfg.muon_ns_steps)
+    if cfg.muon_polar_express or cfg.normuon_beta2:
+        return NorMuon(groups, polar_express=cfg.muon_polar_express, beta2=cfg.normuon_beta2, **kwargs)
+    return torch.optim.Muon(groups, **kwargs)
+
+
 def build_optimizers(model: GPT, cfg: TrainConfig, device_type: str) -> Optimizers:
     """The optimizers of the run ``cfg`` describes, every group with its recipe's base learning rate.
 
     ``adamw`` (the GPT-2 recipe): one AdamW over all roles, weight decay on all but the gains; with GPT-2's
     defaults every group runs at ``--lr``. ``muon``: ``torch.optim.Muon`` (momentum 0.95, Nesterov, 5
-    Newton-Schulz steps) orthogonalises the update of each hidden matrix; AdamW takes the embeddings, the head
-    and the gains, which are not matrices acting on the residual stream. Both see the all-reduced gradient:
+    Newton-Schulz steps) orthogonalises the update of each hidden matrix (q, k and v one by one where the model
+    splits them); AdamW takes the embeddings, the head and the gains, which are not matrices acting on the
+    residual stream, refined where the run asks for it (Polar Express, NorMuon). Both see the all-reduced gradient:
     DDP averages it during backward, before any step.
     """
     rate = lambda lr: cfg.lr if lr is None else lr  # noqa: E731 - a group without its own rate takes --lr
@@ -165,5 +270,5 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device_type: str) -> Optimize
         matrices = params_by_role(model)["matrices"]
         group = {"name": "matrices", "params": matrices, "base_lr": cfg.lr, "lr": cfg.lr,
                  "weight_decay": cfg.weight_decay}  # fmt: skip
-        optimizers["muon"] = torch.optim.Muon([group], momentum=0.95, nesterov=True)
+        optimizers["muon"] = muon([group], cfg)
     return Optimizers(optimizers)

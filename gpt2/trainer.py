@@ -44,6 +44,7 @@ from gpt2.distributed import (
     init_distributed,
     peak_memory_gib,
 )
+from gpt2.documents import DocumentLoader
 from gpt2.errors import EXIT_DIVERGED, UserError
 from gpt2.hf import load_hf_model
 from gpt2.hostmem import HostMemory, keep_freed_memory
@@ -335,7 +336,7 @@ class Trainer:
             raise UserError(f"{flag('seq_len')} {cfg.seq_len} exceeds the model's block size {model_cfg.block_size}")
         if cfg.sample_every:
             check_sampling(cfg, model_cfg)
-        self._build_data(model_cfg.vocab_size)
+        self._build_data(model_cfg)
         self.optimizer = build_optimizers(self.model, cfg, ctx.device_type)
         self.progress = Progress()
         self.run_state = {
@@ -356,11 +357,17 @@ class Trainer:
         self._open_log()
         self._describe(ckpt_path)
 
-    def _build_data(self, vocab_size: int) -> None:
-        """This rank's train and val loaders, and the HellaSwag examples when asked for."""
+    def _build_data(self, model_cfg: GPTConfig) -> None:
+        """This rank's train loader (windows of the stream, or document-aligned rows) and val loader (windows, so
+        that val losses compare across layouts), and the HellaSwag examples when asked for."""
         cfg, ctx = self.cfg, self.ctx
-        placement = dict(rank=ctx.rank, world_size=ctx.world_size, vocab_size=vocab_size, device=ctx.device)
-        self.loader = TrainLoader(cfg.data, cfg.seq_len, cfg.batch_tokens, cfg.micro_batch, seed=cfg.seed, **placement)
+        placement = dict(rank=ctx.rank, world_size=ctx.world_size, vocab_size=model_cfg.vocab_size, device=ctx.device)
+        batches = (cfg.data, cfg.seq_len, cfg.batch_tokens, cfg.micro_batch)
+        if cfg.data_layout == "documents":
+            self.loader = DocumentLoader(*batches, seed=cfg.seed, buffer_docs=cfg.buffer_docs, eot_id=model_cfg.eot_id,
+                                         **placement)  # fmt: skip
+        else:
+            self.loader = TrainLoader(*batches, seed=cfg.seed, **placement)
         self.val_loader = None
         if cfg.eval_every and cfg.val_tokens:
             self.val_loader = ValLoader(cfg.data, cfg.seq_len, cfg.val_tokens, cfg.micro_batch, **placement)
@@ -489,6 +496,7 @@ class Trainer:
                 "tok_per_s": tok_per_s,
                 "mfu": mfu(self.flops_per_token, tok_per_s / self.ctx.world_size, self.peak_flops),
                 **({"peak_mem_gib": memory} if (memory := peak_memory_gib(self.ctx.device)) is not None else {}),
+                **({"cropped": self.loader.cropped_fraction} if cfg.data_layout == "documents" else {}),
             }
         )
 
