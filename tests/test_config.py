@@ -9,7 +9,7 @@ import sys
 from dataclasses import fields
 
 import pytest
-from support import ROOT, TINY, read_log
+from support import ROOT, TINY, read_log, run_python
 
 from gpt2.cli import build_parser, parse
 from gpt2.config import (
@@ -130,3 +130,19 @@ def test_validating_a_config_imports_neither_the_model_nor_a_tracker():
 def test_every_preset_is_a_valid_architecture():
     for name in PRESETS:
         assert train_config(model=name).model_config().n_layer == PRESETS[name]["n_layer"]
+
+
+@pytest.mark.slow
+def test_the_readmes_demo_command_runs_on_the_demo_data(tmp_path):
+    """``python train.py --model demo --data data/demo --out runs/demo ...`` (README), shortened to 2 steps."""
+    data = tmp_path / "demo"
+    sample = ROOT / "data" / "sample"
+    prepared = run_python("prepare_fineweb.py", "--input", sample / "wiki.jsonl", sample / "c4.jsonl", "--out", data,
+                          "--shard-tokens", "131072", "--val-shard-tokens", "65536")  # fmt: skip
+    assert prepared.returncode == 0, prepared.stderr
+    proc = run_python("train.py", "--model", "demo", "--data", data, "--out", tmp_path / "run", "--lr", "1e-2",
+                      "--min-lr", "1e-3", "--embed-lr", "1e-3", "--max-steps", "2", "--warmup-steps", "1",
+                      "--device", "cpu", env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    records = read_log(tmp_path / "run")
+    assert [r["step"] for r in records if r["kind"] == "train"] == [0, 1] and "val" in {r["kind"] for r in records}
