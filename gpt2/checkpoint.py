@@ -5,6 +5,8 @@ A checkpoint is a ``torch.save`` dict that ``torch.load(..., weights_only=True)`
 (the ``GPTConfig`` fields as a plain dict) and ``"step"`` (optimizer steps taken), plus the trainer's
 run state: one entry per stateful component (``optimizer``, ``loader``, ``rng``, ``progress``), each
 its ``state_dict()``, and ``train_config``. Files are ``<run>/ckpt_<step:06d>.pt``, written atomically.
+``--parallel fsdp`` writes the same entries as a sharded directory ``<run>/ckpt_<step:06d>.dcp``
+(``gpt2.sharded_checkpoint``), which every reader here reads too.
 
 A model whose output has more rows than the tokenizer has ids (nanoGPT writes ``vocab_size`` 50304) is
 read with the extra rows as padding (``GPTConfig.limit_vocab``).
@@ -24,9 +26,10 @@ from gpt2.errors import UserError
 from gpt2.files import atomic_write
 from gpt2.hf import is_hub_id, load_hf_model
 from gpt2.model import GPT
+from gpt2.sharded_checkpoint import is_sharded_checkpoint, read_consolidated
 from gpt2.tokenizer import N_VOCAB
 
-CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.pt$")
+CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.(?:pt|dcp)$")  # .dcp: a sharded checkpoint (gpt2.sharded_checkpoint)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -34,7 +37,8 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
 
 
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint file in ``run_dir``, oldest first (temp files excluded)."""
+    """``(step, path)`` of every checkpoint in ``run_dir`` (files, and sharded checkpoints' directories), oldest
+    first (temp files excluded)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
@@ -43,8 +47,14 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip the prefixes that ``torch.compile`` (``_orig_mod.``) and DDP (``module.``) add to names."""
-    return {re.sub(r"^(?:_orig_mod\.|module\.)+", "", k).replace("._orig_mod.", "."): v for k, v in state.items()}
+    """Strip the prefixes that ``torch.compile`` (``_orig_mod.``) and DDP (``module.``) add to names, and the
+    activation-checkpointing wrapper's (``_checkpoint_wrapped_module.``, in ``named_parameters()``' names)."""
+    return {
+        re.sub(r"^(?:_orig_mod\.|module\.)+", "", k)
+        .replace("._orig_mod.", ".")
+        .replace("_checkpoint_wrapped_module.", ""): v
+        for k, v in state.items()
+    }
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -70,8 +80,11 @@ def model_payload(model: nn.Module, step: int) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint file; a missing, truncated or foreign file is a ``UserError``."""
+    """Read a checkpoint file, or a sharded checkpoint's directory but its optimizer state (consolidated, in this
+    process); a missing, truncated or foreign one is a ``UserError``."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return read_consolidated(path, skip=("optimizer",))
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -128,7 +141,7 @@ def upgrade_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_model(target: str | Path, device: str = "cpu") -> tuple[GPT, dict[str, Any]]:
-    """The model behind ``target``: a checkpoint file, a run directory (its newest checkpoint),
+    """The model behind ``target``: a checkpoint (file or sharded directory), a run directory (its newest checkpoint),
     a Hugging Face GPT-2 directory, or a hub id such as ``gpt2``.
 
     Returns the model in eval mode on ``device`` and ``{"source": ..., "step": ...}`` (step is None for HF weights).
@@ -136,7 +149,7 @@ def load_model(target: str | Path, device: str = "cpu") -> tuple[GPT, dict[str, 
     path = Path(target)
     if path.is_dir() and not (path / "config.json").exists() and (checkpoints := find_checkpoints(path)):
         path = checkpoints[-1][1]
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path):
         ckpt = load_checkpoint(path)
         model, info = model_from_checkpoint(ckpt, path), {"source": str(path), "step": int(ckpt["step"])}
     elif (path / "config.json").is_file() or is_hub_id(str(target)):

@@ -115,6 +115,12 @@ PRESETS: dict[str, dict[str, int]] = {
 PADDED_VOCAB_MULTIPLE = 64  # 50257 -> 50304 rows: aligned matmuls on GPUs, never predicted (logits are cut)
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
+PARALLEL = ("ddp", "fsdp")  # how the model is spread over the processes (gpt2.parallel)
+
+
+def int_or_auto(text: str) -> int | None:
+    """A ``--micro-batch`` argument: a number, or ``auto`` (None: the largest that fits, found at start)."""
+    return None if text == "auto" else int(text)
 
 
 @dataclass(frozen=True)
@@ -200,7 +206,11 @@ class TrainConfig:
     bias: bool | None = option(None, "biases in linear layers and LayerNorms (recipe)")
     init_from: str | None = option(None, "start from pretrained weights: a hub id (gpt2 ... gpt2-xl) or a HF directory")
     seq_len: int = option(1024, "tokens per training sequence")
-    micro_batch: int = option(64, "sequences per forward/backward on each process")
+    micro_batch: int | None = option(
+        64, "sequences per forward/backward on each process; auto: the largest that divides the process's share of "
+        "the batch and fits in memory, found at start (the results do not depend on it)",
+        convert=int_or_auto, metavar="N|auto",
+    )  # fmt: skip
     batch_tokens: int = option(524288, "tokens per optimizer step over all processes (2**19, as in GPT-3 Small)")
     max_steps: int = option(19073, "optimizer steps (19073 x 524288 tokens = one epoch of FineWeb-Edu 10B)")
     optimizer: str | None = option(
@@ -257,10 +267,22 @@ class TrainConfig:
     peak_tflops: str = option(
         "auto", "device bf16 peak for MFU: auto (known GPUs; measured once on CPU), none, or a number in TFLOP/s"
     )
+    activation_checkpointing: bool = option(
+        False, "recompute each block's activations during backward instead of keeping them: the same results "
+        "with less activation memory, for about one more forward pass of compute"
+    )  # fmt: skip
+    parallel: str = option(
+        "ddp", "ddp: every process holds the whole model, gradients and optimizer state; fsdp: they are sharded over "
+        "the processes (FSDP2), checkpoints are sharded directories (torch.distributed.checkpoint)", choices=PARALLEL,
+    )  # fmt: skip
+    collective_timeout: float = option(
+        1800.0, "seconds a collective waits for the other processes before the job fails (a process that stopped "
+        "answering ends the job instead of hanging it)"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self._apply_recipe()
-        positive = ("seq_len", "micro_batch", "batch_tokens", "max_steps", "num_samples", "max_new_tokens")
+        positive = ("seq_len", "batch_tokens", "max_steps", "num_samples", "max_new_tokens", "collective_timeout")
         non_negative = (
             "warmup_steps",
             "eval_every",
@@ -279,7 +301,7 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
-        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "hellaswag_limit"):
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "hellaswag_limit", "micro_batch"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("lr", "embed_lr", "head_lr", "gains_lr"):
@@ -299,6 +321,8 @@ class TrainConfig:
             raise UserError(f"unknown --device {self.device!r}; choose one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             raise UserError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.parallel not in PARALLEL:
+            raise UserError(f"unknown --parallel {self.parallel!r}; choose one of {', '.join(PARALLEL)}")
         if self.init_from is not None and any(getattr(self, n) is not None for n in ARCH_OVERRIDES):
             raise UserError("--init-from takes the pretrained model's architecture; drop the architecture overrides")
         if self.init_from is not None and self.architecture() != RECIPES["gpt2"].architecture():

@@ -22,16 +22,18 @@ from gpt2.distributed import DistContext, all_reduce_sum
 from gpt2.errors import UserError
 from gpt2.hf import is_hub_id
 from gpt2.model import GPT
+from gpt2.sharded_checkpoint import is_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 def is_run_dir(target: str | Path) -> bool:
-    """A directory for ``ckpt_*.pt`` files: not a Hugging Face model directory (it has a config.json), nor
-    a hub id that happens to name a folder without checkpoints (``gpt2`` is also this package's folder)."""
+    """A directory for ``ckpt_*`` checkpoints: not a Hugging Face model directory (it has a config.json), nor a
+    sharded checkpoint's own directory, nor a hub id that happens to name a folder without checkpoints (``gpt2``
+    is also this package's folder)."""
     path = Path(target)
-    if not path.is_dir() or (path / "config.json").exists():
+    if not path.is_dir() or (path / "config.json").exists() or is_sharded_checkpoint(path):
         return False
     return bool(find_checkpoints(path)) or not is_hub_id(str(target))
 
