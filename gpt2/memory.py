@@ -62,6 +62,7 @@ GIB = 2**30
 FUSED_LOSS_ROWS = 1024  # gpt2.loss.fused_cross_entropy's chunk_rows
 CUDA_HEADROOM = 0.9  # --micro-batch auto on CUDA: use at most this share of the GPU's memory
 CPU_HEADROOM = 0.8  # ... on CPU, of the memory available at start
+PLAN_SETTINGS = ("parallel", "world_size", "dtype", "optimizer", "activation_checkpointing", "micro_batch", "seq_len")
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,10 @@ class MemoryPlan:
         )
 
     def record(self) -> dict[str, Any]:
-        """The plan as log fields: settings as they are, sizes in GiB."""
+        """The plan as flat log fields: the settings as they are, each size as ``<part>_gib``."""
         fields = asdict(self)
-        sizes = {k: v / GIB for k, v in fields.items() if isinstance(v, int) and not isinstance(v, bool)}
-        sizes.pop("world_size"), sizes.pop("micro_batch"), sizes.pop("seq_len")
-        settings = {k: v for k, v in fields.items() if k not in sizes}
-        return {**settings, "gib": {**sizes, "total": self.total / GIB}}
+        sizes = {f"{k}_gib": v / GIB for k, v in fields.items() if k not in PLAN_SETTINGS}
+        return {**{k: fields[k] for k in PLAN_SETTINGS}, **sizes, "total_gib": self.total / GIB}
 
     def describe(self) -> str:
         """One console line."""
