@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -66,7 +66,9 @@ def save(path: Path, model: nn.Module, optimizers: Optimizers, entries: dict[str
         "optimizer": {name: get_optimizer_state_dict(model, opt) for name, opt in optimizers.optimizers.items()},
         **entries,
     }
-    dcp.save(state, checkpoint_id=tmp)  # returns on every rank once rank 0 has written the index after all shards
+    dcp.save(
+        state, checkpoint_id=tmp, no_dist=not dist.is_initialized()
+    )  # returns on every rank once rank 0 has written the index after all shards
     if is_main:
         if path.exists():  # a step saved again (resumed from an earlier checkpoint): the new one replaces it
             remove(path)
@@ -94,8 +96,8 @@ def read_consolidated(path: str | Path, skip: tuple[str, ...] = ()) -> dict[str,
         entries = {key[0] for key in reader.read_metadata().planner_data.values()} - set(skip)
         state: dict[str, Any] = {}
         _load_state_dict(state, storage_reader=reader, planner=_WeightsOnlyEmpty(keys=entries), no_dist=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {_first_line(e)})") from None
+    except (Exception, CheckpointException) as e:  # DCP wraps errors in a BaseException
+        raise UserError(f"checkpoint {path} cannot be loaded ({_first_line(e)})") from None
     return state
 
 
@@ -108,10 +110,8 @@ def load_into(path: Path, model: nn.Module, optimizers: Optimizers) -> None:
     }
     try:
         dcp.load(state, checkpoint_id=path, planner=_WeightsOnly(), no_dist=not dist.is_initialized())
-    except Exception as e:
-        raise UserError(
-            f"checkpoint {path} does not fit this run's model and optimizers ({type(e).__name__}: {_first_line(e)})"
-        ) from None
+    except (Exception, CheckpointException) as e:  # DCP wraps errors in a BaseException
+        raise UserError(f"checkpoint {path} does not fit this run's model and optimizers ({_first_line(e)})") from None
     set_model_state_dict(model, state["model"])
     with optimizers.own_settings():
         for name, opt in optimizers.optimizers.items():
@@ -168,5 +168,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _first_line(e: BaseException) -> str:
+    """The cause in one line; of a ``CheckpointException``, its first rank's error's."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(e).__name__
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
