@@ -107,13 +107,16 @@ class MemoryPlan:
         ac = " + checkpointing" if self.activation_checkpointing else ""
         return (
             f"memory plan per process ({self.parallel}{ac} on {self.world_size}, {self.dtype}, {self.optimizer}, "
-            f"micro-batch {self.micro_batch} x {self.seq_len}): weights {self.weights / GIB:.2f} + gradients "
-            f"{self.gradients / GIB:.2f} + optimizer {self.optimizer_state / GIB:.2f} + compute copies "
-            f"{self.compute_copies / GIB:.2f} + activations {self.activations / GIB:.2f} (checkpointing "
-            f"{'on' if self.activation_checkpointing else 'off'}; {self.activations_without_checkpointing / GIB:.2f} "
-            f"without, {self.activations_with_checkpointing / GIB:.2f} with) + temporaries "
-            f"{self.temporaries / GIB:.2f} = {self.total / GIB:.2f} GiB"
+            f"micro-batch {self.micro_batch} x {self.seq_len}): weights {_size(self.weights)} + gradients "
+            f"{_size(self.gradients)} + optimizer {_size(self.optimizer_state)} + compute copies "
+            f"{_size(self.compute_copies)} + activations {_size(self.activations)} (without checkpointing "
+            f"{_size(self.activations_without_checkpointing)}, with {_size(self.activations_with_checkpointing)}) "
+            f"+ temporaries {_size(self.temporaries)} = {_size(self.total)}"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 @dataclass(frozen=True)

@@ -444,9 +444,8 @@ class Trainer:
             return bool(flag.item())
 
         micro_batch = memory.auto_micro_batch(memory.divisors(cfg.batch_tokens // per_pass), fits, agree)
-        self.say(
-            f"--micro-batch auto: {micro_batch} ({'tried on the GPU' if ctx.device_type == 'cuda' else 'planned'})"
-        )
+        how = "tried on the GPU" if ctx.device_type == "cuda" else "from the memory plan and the memory available"
+        self.say(f"--micro-batch auto: {micro_batch} ({how})")
         return micro_batch
 
     def _open_log(self) -> None:

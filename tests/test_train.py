@@ -17,7 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support import ONE_THREAD, ROOT, Capture, cli_flags, losses, read_log, run_python, tiny, write_shards
+from support import (
+    ONE_THREAD,
+    ROOT,
+    Capture,
+    cli_flags,
+    losses,
+    read_log,
+    run_python,
+    tiny,
+    worker_pid,
+    write_shards,
+)
 
 from gpt2.checkpoint import find_checkpoints, load_checkpoint, load_model
 from gpt2.cli import parse
@@ -200,19 +211,6 @@ def test_sigterm_finishes_the_step_saves_and_the_same_command_resumes(synthetic:
     assert f"resuming from {path} at step {stopped_at}" in resumed.stdout
     train(tiny(synthetic, tmp_path / "straight", **run))
     assert losses(read_log(tmp_path / "run")) == losses(read_log(tmp_path / "straight"))
-
-
-def worker_pid(parent: int, rank: int) -> int:
-    """The pid of torchrun worker ``rank`` among the children of process ``parent`` (Linux /proc)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue  # exited meanwhile, or not ours to read
-        if ppid == parent and f"RANK={rank}".encode() in environ:
-            return int(stat.parent.name)
-    raise AssertionError(f"no worker of rank {rank} under pid {parent}")
 
 
 @pytest.mark.slow
