@@ -26,14 +26,19 @@ from gpt2.errors import UserError
 from gpt2.files import atomic_write
 from gpt2.hf import is_hub_id, load_hf_model
 from gpt2.model import GPT
-from gpt2.sharded_checkpoint import is_sharded_checkpoint, read_consolidated
 from gpt2.tokenizer import N_VOCAB
 
-CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.(?:pt|dcp)$")  # .dcp: a sharded checkpoint (gpt2.sharded_checkpoint)
+CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.(?:pt|dcp)$")
+SHARDED_SUFFIX = ".dcp"  # a sharded checkpoint's directory (gpt2.sharded_checkpoint)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f"ckpt_{step:06d}.pt"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A directory written by ``torch.distributed.checkpoint`` (it has the index, ``.metadata``)."""
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
 
 
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -84,6 +89,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     process); a missing, truncated or foreign one is a ``UserError``."""
     path = Path(path)
     if is_sharded_checkpoint(path):
+        from gpt2.sharded_checkpoint import read_consolidated  # torch.distributed.checkpoint: 1-2 s to import
+
         return read_consolidated(path, skip=("optimizer",))
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")

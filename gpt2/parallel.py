@@ -18,15 +18,19 @@
      all-gathered just before it runs (forward and backward) and freed after, and its gradients are
      reduce-scattered in backward.
 
-Mixed precision under FSDP (``--dtype bf16``): the blocks all-gather their parameters in bf16
-(``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``): half the traffic and the memory of the gathered
-weights, and the same rounding autocast applies to a matmul's fp32 weight. Gradients are reduced in fp32, and
-the optimizer updates fp32 shards. Autocast stays on around forward and backward, as under DDP: it keeps the
-norms, the attention softmax and the loss in fp32 (this model has no explicit upcasts of its own). The blocks do
-not cast their inputs (``cast_forward_inputs=False``) and the root (embeddings, final norm, head) keeps fp32
-weights, so the residual stream stays fp32 as under DDP. What differs from DDP + autocast: LayerNorm gains and
-biases (the GPT-2 recipe's only 1-D block weights; the modern recipe has none) enter the fp32 norm rounded to
-bf16, and their gradients come back through bf16.
+Mixed precision under FSDP (``--dtype bf16``): the blocks all-gather their weights in bf16
+(``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``): half the traffic and half the memory of the
+gathered weights, rounded exactly as autocast rounds an fp32 weight for a bf16 matmul. Gradients are reduced in
+fp32 and the optimizer updates fp32 shards. Autocast stays on around forward and backward, as under DDP: it keeps
+the attention softmax, the norms' arithmetic and the loss in fp32 (this model has no explicit upcasts of its own),
+and it finds the matmul weights already in bf16, so it keeps no bf16 copies of its own (under DDP it caches one
+per weight for the whole step). What stays fp32: the root's weights (embeddings, final norm, head), so that the
+residual stream is fp32 as under DDP, and each block's LayerNorm weights, gathered in a small fp32 group of their
+own. A LayerNorm's weights must match its input's dtype on the CPU (autocast there does not upcast layer_norm:
+"mixed dtype (CPU): expect parameter to have scalar type of Float"), and in fp32 they keep the GPT-2 recipe's
+norms as DDP computes them. The blocks leave their inputs as they are (``cast_forward_inputs=False``). So FSDP in
+bf16 computes what DDP with autocast computes; the two differ by the order of the gradient reductions only
+(``tests/test_parallel.py`` compares them).
 """
 
 from __future__ import annotations
@@ -86,17 +90,21 @@ def checkpoint_blocks(model: GPT) -> None:
 
 
 def shard(model: GPT, ctx: DistContext, dtype: str) -> None:
-    """FSDP2 over all ranks: one group per block, the rest (embeddings, final norm, head: tied weights stay in
-    one group) at the root. Mixed precision as the module docstring says."""
+    """FSDP2 over all ranks: one group per block (and in bf16 one for its LayerNorms, gathered in fp32), the rest
+    (embeddings, final norm, head: tied weights stay in one group) at the root. Mixed precision as the module
+    docstring says."""
     mesh = init_device_mesh(ctx.device_type, (ctx.world_size,))
     if dtype == "bf16":
         blocks = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
-        root = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
     else:
-        blocks = root = MixedPrecisionPolicy()
+        blocks = fp32 = MixedPrecisionPolicy()
     for block in model.transformer.h:
+        norms = [m for m in block.modules() if isinstance(m, nn.LayerNorm)]
+        if norms and dtype == "bf16":  # their own group, gathered in fp32
+            fully_shard(norms, mesh=mesh, mp_policy=fp32)
         fully_shard(block, mesh=mesh, mp_policy=blocks)
-    fully_shard(model, mesh=mesh, mp_policy=root)
+    fully_shard(model, mesh=mesh, mp_policy=fp32)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -17,12 +17,11 @@ from typing import TypeVar
 
 import torch
 
-from gpt2.checkpoint import find_checkpoints, load_checkpoint, model_from_checkpoint
+from gpt2.checkpoint import find_checkpoints, is_sharded_checkpoint, load_checkpoint, model_from_checkpoint
 from gpt2.distributed import DistContext, all_reduce_sum
 from gpt2.errors import UserError
 from gpt2.hf import is_hub_id
 from gpt2.model import GPT
-from gpt2.sharded_checkpoint import is_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

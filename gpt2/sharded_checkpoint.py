@@ -40,19 +40,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from gpt2.checkpoint import SHARDED_SUFFIX
 from gpt2.errors import UserError
 from gpt2.optim import Optimizers, _regrouped
 
-SUFFIX = ".dcp"
 SHARDED = ("model", "optimizer")  # the entries that are sharded like the model; the others are small and whole
 
 
 def sharded_checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / f"ckpt_{step:06d}{SUFFIX}"
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+    return Path(run_dir) / f"ckpt_{step:06d}{SHARDED_SUFFIX}"
 
 
 def save(path: Path, model: nn.Module, optimizers: Optimizers, entries: dict[str, Any], is_main: bool) -> None:

@@ -34,6 +34,7 @@ from gpt2.checkpoint import (
     clean_state_dict,
     config_from_checkpoint,
     find_checkpoints,
+    is_sharded_checkpoint,
     load_checkpoint,
     save_checkpoint,
     upgrade_checkpoint,
@@ -61,7 +62,7 @@ from gpt2.parallel import clip_grad_norm_, gathered_copy, gradient_sync, is_shar
 from gpt2.runlog import LOG_FILE, JsonlLog, Reporter
 from gpt2.sample import sample_text
 from gpt2.schedule import lr_multiplier
-from gpt2.sharded_checkpoint import SHARDED, is_sharded_checkpoint, sharded_checkpoint_path
+from gpt2.sharded_checkpoint import SHARDED, sharded_checkpoint_path
 from gpt2.tokenizer import get_encoding
 from gpt2.tracking import Trackers, open_trackers
 

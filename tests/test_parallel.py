@@ -168,7 +168,9 @@ def test_fsdp_continues_a_ddp_checkpoint_and_trains_compiled_in_bf16(synthetic: 
     assert "compile on | fsdp + activation checkpointing" in r.stdout
     ddp = Capture()
     train(tiny(synthetic, tmp_path / "ddp_bf16", **bf16), ddp)
-    assert close(losses(read_log(tmp_path / "fsdp_bf16")), losses(ddp.records), rel=1e-2)
+    # The same arithmetic (bf16 matmul weights, fp32 norms and residual stream): equal but for reduction order and
+    # what compile fuses.
+    assert close(losses(read_log(tmp_path / "fsdp_bf16")), losses(ddp.records), rel=1e-4)
 
 
 @pytest.mark.slow
