@@ -358,7 +358,26 @@ def table(cfg: TableConfig) -> str:
     """Markdown: for each GPT-2 size and setting, the largest micro-batch whose plan fits each GPU size."""
     from gpt2.config import TrainConfig
 
+    optimizer = TrainConfig(recipe=cfg.recipe).optimizer
     lines = [
+        "## Which GPT-2 fits which GPU (estimates)",
+        "",
+        f"Estimates from the memory plan (`python -m gpt2.memory`, `gpt2/memory.py`), not measurements: each cell is "
+        f"the largest micro-batch (of {', '.join(map(str, MICRO_BATCHES))} sequences of {cfg.seq_len} tokens) whose "
+        f"planned peak per GPU stays within {CUDA_HEADROOM:.0%} of the GPU's memory, and that peak in GiB; `no` "
+        f"means not even one sequence fits (the peak at micro-batch 1 in brackets). `--recipe {cfg.recipe}` "
+        f"({optimizer}), {cfg.dtype}; FSDP shards over {cfg.world_size} GPUs (DDP's memory does not depend on the "
+        f"number of GPUs). The plan counts the tensors of an eager step (weights, gradients, optimizer state, bf16 "
+        "copies, the activations autograd saves, the largest temporaries), checked against what a CPU step really "
+        "allocates (`tests/test_memory.py`: within 1% for the activations, about 10% for the peak); it leaves out "
+        "the CUDA context and allocator fragmentation, which the 10% margin is for. `torch.compile` usually needs "
+        "less. `make gpu-check` measures the 124M rows on a GPU (peak memory beside the plan of each run).",
+        "",
+        "The micro-batch does not change the results: the global batch (`--batch-tokens`) is the same, and gradient "
+        "accumulation makes up the difference. `--micro-batch auto` picks the largest that fits at start (on a GPU "
+        "by trying each, on a CPU from the plan); `--activation-checkpointing` and `--parallel fsdp` are the two "
+        "ways to fit more.",
+        "",
         f"| model | setting | {' | '.join(f'{g} GB' for g in cfg.gpus)} |",
         "|---|---|" + "---|" * len(cfg.gpus),
     ]

@@ -94,7 +94,9 @@ def test_plan_parts_per_process():
 
 def test_memory_table_of_gpt2_sizes(tmp_path: Path):
     memory.main(["--out", str(tmp_path / "table.md")])
-    rows = (tmp_path / "table.md").read_text().splitlines()
+    text = (tmp_path / "table.md").read_text()
+    assert text.startswith("## Which GPT-2 fits which GPU (estimates)") and "FSDP shards over 8 GPUs" in text
+    rows = text[text.index("| model |") :].splitlines()
     assert rows[0] == "| model | setting | 24 GB | 40 GB | 80 GB |" and len(rows) == 2 + 4 * 4
     cells = {tuple(c.strip() for c in row.split("|")[1:3]): row.split("|")[3:6] for row in rows[2:]}
     assert cells["gpt2-xl (1558M)", "DDP"][0].strip().startswith("no (")  # 25 GB of state alone
