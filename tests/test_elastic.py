@@ -9,17 +9,16 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from support import ONE_THREAD, ROOT, cli_flags, losses, read_log, worker_pid
 
+from gpt2 import distributed
 from gpt2.checkpoint import find_checkpoints
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc"),
-]
+NEEDS_PROC = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers in /proc")
 # Slow enough steps (8 micro-steps each) that a kill lands mid-run; a checkpoint every 5 steps.
 RUN = dict(max_steps=40, batch_tokens=1024, save_every=5, eval_every=10, val_tokens=512)
 ENV = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(ROOT)}
@@ -29,6 +28,8 @@ def torchrun(*flags: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *flags, "train.py"]
 
 
+@pytest.mark.slow
+@NEEDS_PROC
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_killed_worker_restarts_the_job_which_resumes_exactly(synthetic: Path, tmp_path: Path, parallel: str):
     out = tmp_path / "run"
@@ -58,6 +59,8 @@ def test_a_killed_worker_restarts_the_job_which_resumes_exactly(synthetic: Path,
     assert first == 1 and second > killed_after  # each attempt's memory record, once
 
 
+@pytest.mark.slow
+@NEEDS_PROC
 def test_a_rank_that_stops_answering_ends_the_job_at_the_collective_timeout(synthetic: Path, tmp_path: Path):
     command = torchrun() + cli_flags(synthetic, tmp_path, **{**RUN, "max_steps": 100_000}) + [
         "--collective-timeout", "5"]  # fmt: skip
@@ -91,3 +94,36 @@ def with_stopped_worker_gone(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def test_each_attempt_of_the_workers_meets_under_its_own_prefix_of_the_agents_store(monkeypatch):
+    """Under torchrun's agent store, the process group starts on ``gpt2/attempt_<TORCHELASTIC_RESTART_COUNT>/`` of
+    it, with the collective timeout; elsewhere on the env:// default."""
+    import torch.distributed as dist
+
+    stores, groups = [], []
+
+    class FakeTCPStore:
+        def __init__(self, host, port, world_size, is_master, timeout):
+            stores.append((host, port, world_size, is_master, timeout))
+
+    monkeypatch.setattr(dist, "TCPStore", FakeTCPStore)
+    monkeypatch.setattr(dist, "PrefixStore", lambda prefix, store: ("prefix", prefix, store))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: groups.append(kwargs))
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    timeout = timedelta(seconds=42)
+    ctx = distributed.init_distributed("cpu", timeout)
+    assert (ctx.rank, ctx.world_size) == (1, 2)
+    assert stores == [("10.0.0.1", 29400, 2, False, timeout)]  # a client of the agent's store
+    (kwargs,) = groups
+    assert kwargs["store"][:2] == ("prefix", "gpt2/attempt_2") and (kwargs["rank"], kwargs["world_size"]) == (1, 2)
+    assert kwargs["backend"] == "gloo" and kwargs["timeout"] == timeout
+
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")  # e.g. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: plain env://
+    distributed.init_distributed("cpu", timeout)
+    assert "store" not in groups[-1] and groups[-1]["timeout"] == timeout and len(stores) == 1
