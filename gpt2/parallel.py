@@ -99,11 +99,11 @@ def shard(model: GPT, ctx: DistContext, dtype: str) -> None:
         fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
     else:
         blocks = fp32 = MixedPrecisionPolicy()
-    for block in model.transformer.h:
-        norms = [m for m in block.modules() if isinstance(m, nn.LayerNorm)]
+    for layer in model.transformer.h:
+        norms = [m for m in layer.modules() if isinstance(m, nn.LayerNorm)]
         if norms and dtype == "bf16":  # their own group, gathered in fp32
             fully_shard(norms, mesh=mesh, mp_policy=fp32)
-        fully_shard(block, mesh=mesh, mp_policy=blocks)
+        fully_shard(layer, mesh=mesh, mp_policy=blocks)
     fully_shard(model, mesh=mesh, mp_policy=fp32)
 
 
