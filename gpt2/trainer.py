@@ -224,7 +224,7 @@ def find_resume_checkpoint(cfg: TrainConfig, say: Callable[[str], None]) -> tupl
 
 def _read_run_state(path: Path) -> dict[str, Any]:
     """A checkpoint's entries; of a sharded one all but the model and optimizer state, which are read into the
-    run's (sharded) model and optimizers later, each rank its part (``Trainer._restore``)."""
+    run's (sharded) model and optimizers later, each rank its part (``Trainer._restore_weights``)."""
     if is_sharded_checkpoint(path):
         return sharded_checkpoint.read_consolidated(path, skip=SHARDED)
     return load_checkpoint(path)
@@ -267,6 +267,7 @@ def build_model(cfg: TrainConfig, ckpt: dict[str, Any] | None, source: Path | No
 # Run state: every component a checkpoint saves and a resume restores, each with state_dict/load_state_dict
 
 RUN_STATE = ("model", "optimizer", "loader", "rng", "progress")
+WHOLE_STATE = tuple(name for name in RUN_STATE if name not in SHARDED)  # the same on every rank, small
 
 
 @dataclass
@@ -360,7 +361,7 @@ class Trainer:
         }
         assert tuple(self.run_state) == RUN_STATE
         if ckpt is not None:
-            for name in RUN_STATE[len(SHARDED) :]:
+            for name in WHOLE_STATE:
                 self.run_state[name].load_state_dict(ckpt[name])
         self.start_step, self.last_checkpoint = self.progress.step, ckpt_path
         self.host_memory = HostMemory.keep_freed(ctx.device_type)  # CPU: no page re-zeroing every micro-step
@@ -422,11 +423,11 @@ class Trainer:
                 f"--batch-tokens {cfg.batch_tokens:,} must be a multiple of --seq-len {cfg.seq_len} x "
                 f"{ctx.world_size} rank(s) = {per_pass:,} tokens"
             )
-        unallocated_state = 0 if any(opt.state for opt in self.optimizer.optimizers.values()) else None
+        state_held = any(opt.state for opt in self.optimizer.optimizers.values())  # resumed: loaded already
         if ctx.device_type == "cuda":
 
             def fits(micro_batch: int) -> bool:
-                reserve = self._plan(micro_batch).optimizer_state if unallocated_state is None else 0
+                reserve = 0 if state_held else self._plan(micro_batch).optimizer_state
                 return memory.cuda_fits(
                     self.model, micro_batch, cfg.seq_len, ctx.device, cfg.dtype, reserve, self.sharded
                 )
@@ -435,7 +436,7 @@ class Trainer:
 
             def fits(micro_batch: int) -> bool:
                 plan = self._plan(micro_batch)
-                held = plan.weights + (plan.optimizer_state if unallocated_state is not None else 0)
+                held = plan.weights + (plan.optimizer_state if state_held else 0)
                 return plan.total - held <= memory.CPU_HEADROOM * per_process
 
         def agree(ok: bool) -> bool:
@@ -608,9 +609,10 @@ class Trainer:
         )
         if not (val or hellaswag or sample):
             return
-        # A sharded model's ranks must run the same forward passes; evaluations run on a whole copy instead.
-        scoring = plain = gathered_copy(self.model, ctx.device) if self.sharded else None
-        scoring, plain = scoring or self.compiled, plain or self.model
+        if self.sharded:  # its ranks would have to run the same forward passes: evaluate a whole copy instead
+            scoring = plain = gathered_copy(self.model, ctx.device)
+        else:
+            scoring, plain = self.compiled, self.model
         if val:
             val_loss = evaluate_loss(scoring, self.val_loader, ctx, cfg.dtype)
             if not math.isfinite(val_loss):
@@ -650,7 +652,7 @@ class Trainer:
         meta = {"config": self.model.config.to_dict(), "step": step, "train_config": self.cfg.to_dict()}
         if self.sharded:  # every rank writes its shards
             path = sharded_checkpoint_path(self.out, step)
-            entries = {name: self.run_state[name].state_dict() for name in RUN_STATE[len(SHARDED) :]}
+            entries = {name: self.run_state[name].state_dict() for name in WHOLE_STATE}
             sharded_checkpoint.save(path, self.model, self.optimizer, {**entries, **meta}, self.ctx.is_main)
         else:
             path = checkpoint_path(self.out, step)
