@@ -4,7 +4,9 @@ Each measurement is a fresh process (so that its peak resident set size is its o
 GPT-2 recipe's AdamW, and runs ``--steps`` optimizer steps of ``gpt2.trainer.train_step`` on one micro-batch of
 ``--micro-batch`` x ``--seq-len`` random tokens under bf16 autocast, with the trainer's host-memory policy. The
 peak resident set size (``ru_maxrss``) is read at the end; the resident size before the model was built (the
-Python runtime, torch, the libraries) is reported beside it. Two steps, because the optimizer state exists from
+Python runtime, torch, the libraries) is reported beside it, and so is the peak of the tensors themselves
+(``gpt2.memory.TensorMemory`` around the steps, plus the weights, which exist before): what the memory plan
+counts, without the allocator's free-but-kept memory and the runtime. Two steps, because the optimizer state exists from
 the second on: that step's forward and backward run beside it, as every later one does. The processes alternate
 (without, with, without, ...) ``--repeats`` times; the table shows medians and the memory plan
 (``gpt2.memory.plan``) of the same step.
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULT_KEYS = ("peak_rss_gib", "baseline_gib", "tensor_peak_gib", "plan_gib")
 
 
 def rss_bytes() -> int:
@@ -40,7 +43,7 @@ def worker(args: argparse.Namespace) -> None:
     from gpt2.config import TrainConfig
     from gpt2.distributed import DistContext
     from gpt2.hostmem import HostMemory
-    from gpt2.memory import GIB, plan
+    from gpt2.memory import GIB, TensorMemory, plan
     from gpt2.model import GPT
     from gpt2.optim import build_optimizers
     from gpt2.parallel import checkpoint_blocks
@@ -58,18 +61,21 @@ def worker(args: argparse.Namespace) -> None:
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (args.micro_batch, args.seq_len), generator=torch.Generator().manual_seed(1))
     seconds = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        stats = train_step(model, optimizers, lambda: (x, x), grad_accum_steps=1, lr_multiplier=1.0, grad_clip=1.0,
-                           ctx=DistContext(), dtype="bf16")  # fmt: skip
-        seconds.append(time.perf_counter() - start)
-        if host_memory is not None:
-            host_memory.after_step()
+    with TensorMemory() as tensors:  # what the steps allocate: gradients, optimizer state, activations, temporaries
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            stats = train_step(model, optimizers, lambda: (x, x), grad_accum_steps=1, lr_multiplier=1.0,
+                               grad_clip=1.0, ctx=DistContext(), dtype="bf16")  # fmt: skip
+            seconds.append(time.perf_counter() - start)
+            if host_memory is not None:
+                host_memory.after_step()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     planned = plan(model.config, micro_batch=args.micro_batch, seq_len=args.seq_len, dtype="bf16",
                    optimizer=cfg.optimizer, activation_checkpointing=args.checkpointing)  # fmt: skip
     print(json.dumps({"checkpointing": args.checkpointing, "peak_rss_gib": peak / GIB, "baseline_gib": before / GIB,
-                      "plan_gib": planned.total / GIB, "step_s": seconds, "loss": stats.loss}))  # fmt: skip
+                      "tensor_peak_gib": (weights + tensors.peak) / GIB, "plan_gib": planned.total / GIB,
+                      "step_s": seconds, "loss": stats.loss}))  # fmt: skip
 
 
 def measure(checkpointing: bool, args: argparse.Namespace) -> dict:
@@ -103,7 +109,7 @@ def main() -> None:
             runs[checkpointing].append(measure(checkpointing, args))
             print(f"repeat {repeat}: {json.dumps(runs[checkpointing][-1])}", file=sys.stderr, flush=True)
     medians = {
-        ac: {key: statistics.median(r[key] for r in results) for key in ("peak_rss_gib", "baseline_gib", "plan_gib")}
+        ac: {key: statistics.median(r[key] for r in results) for key in RESULT_KEYS}
         | {"step_s": statistics.median(r["step_s"][-1] for r in results)}
         for ac, results in runs.items()
     }
@@ -113,13 +119,16 @@ def main() -> None:
         f"GPT-2 124M, micro-batch {args.micro_batch} x {args.seq_len}, bf16, AdamW, {args.steps} steps; "
         f"{datetime.date.today()}, {cpu_model()}, torch {torch.__version__}; medians of {args.repeats}\n"
     )
-    print("| activation checkpointing | peak RSS GiB | RSS before the model GiB | plan GiB | last step s | loss |")
-    print("|---|---|---|---|---|---|")
+    print("| activation checkpointing | peak RSS GiB | RSS before the model GiB | tensor peak GiB | plan GiB "
+          "| last step s | loss |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for ac in (False, True):
         m = medians[ac]
         losses = sorted({round(r["loss"], 4) for r in runs[ac]})
-        print(f"| {'on' if ac else 'off'} | {m['peak_rss_gib']:.2f} | {m['baseline_gib']:.2f} | {m['plan_gib']:.2f} | "
-              f"{m['step_s']:.1f} | {', '.join(map(str, losses))} |")  # fmt: skip
+        print(
+            f"| {'on' if ac else 'off'} | {m['peak_rss_gib']:.2f} | {m['baseline_gib']:.2f} | "
+            f"{m['tensor_peak_gib']:.2f} | {m['plan_gib']:.2f} | {m['step_s']:.1f} | {', '.join(map(str, losses))} |"
+        )
     ratio = medians[True]["peak_rss_gib"] / medians[False]["peak_rss_gib"]
     print(f"\npeak RSS with / without checkpointing: {ratio:.2f}")
 
