@@ -55,8 +55,8 @@ def save(path: Path, model: nn.Module, optimizers: Optimizers, entries: dict[str
     """Write the model's and optimizers' state (each rank its shards) and ``entries`` (the same on every rank)
     to the directory ``path``, atomically. A collective: every rank calls it."""
     tmp = path.with_name(path.name + ".tmp")
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+    if is_main:  # left by a crash; no rank writes into it before dcp.save's first collective, which waits for us
+        shutil.rmtree(tmp, ignore_errors=True)
     state = {
         "model": get_model_state_dict(model),
         "optimizer": {name: get_optimizer_state_dict(model, opt) for name, opt in optimizers.optimizers.items()},
