@@ -2,7 +2,8 @@
 
 Each measurement is a fresh process (so that its peak resident set size is its own): it builds GPT-2 124M, the
 GPT-2 recipe's AdamW, and runs ``--steps`` optimizer steps of ``gpt2.trainer.train_step`` on one micro-batch of
-``--micro-batch`` x ``--seq-len`` random tokens under bf16 autocast, with the trainer's host-memory policy. The
+``--micro-batch`` x ``--seq-len`` random tokens under bf16 autocast, with the trainer's host-memory policy
+(``gpt2.hostmem``: freed memory is kept, up to 4 GiB, for reuse; ``--allocator default`` leaves glibc's own). The
 peak resident set size (``ru_maxrss``) is read at the end; the resident size before the model was built (the
 Python runtime, torch, the libraries) is reported beside it, and so is the peak of the tensors themselves
 (``gpt2.memory.TensorMemory`` around the steps, plus the weights, which exist before): what the memory plan
@@ -11,7 +12,7 @@ the second on: that step's forward and backward run beside it, as every later on
 (without, with, without, ...) ``--repeats`` times; the table shows medians and the memory plan
 (``gpt2.memory.plan``) of the same step.
 
-    python bench/bench_memory.py [--repeats 3] [--micro-batch 8] [--seq-len 1024] [--steps 2]
+    python bench/bench_memory.py [--repeats 3] [--micro-batch 8] [--seq-len 1024] [--steps 2] [--allocator default]
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.checkpointing:
         checkpoint_blocks(model)
     optimizers = build_optimizers(model, cfg, "cpu")
-    host_memory = HostMemory.keep_freed("cpu")
+    host_memory = HostMemory.keep_freed("cpu") if args.allocator == "trainer" else None
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (args.micro_batch, args.seq_len), generator=torch.Generator().manual_seed(1))
     seconds = []
@@ -79,7 +80,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def measure(checkpointing: bool, args: argparse.Namespace) -> dict:
-    sizes = ["--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    sizes = ["--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+             "--allocator", args.allocator]  # fmt: skip
     command = [sys.executable, __file__, "--worker", *sizes] + (["--checkpointing"] if checkpointing else [])
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
@@ -97,6 +99,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--allocator", choices=["trainer", "default"], default="trainer",
+                        help="trainer: the trainer's host-memory policy; default: glibc's")  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,7 +120,8 @@ def main() -> None:
     import torch
 
     print(
-        f"GPT-2 124M, micro-batch {args.micro_batch} x {args.seq_len}, bf16, AdamW, {args.steps} steps; "
+        f"GPT-2 124M, micro-batch {args.micro_batch} x {args.seq_len}, bf16, AdamW, {args.steps} steps, "
+        f"{args.allocator} allocator policy; "
         f"{datetime.date.today()}, {cpu_model()}, torch {torch.__version__}; medians of {args.repeats}\n"
     )
     print("| activation checkpointing | peak RSS GiB | RSS before the model GiB | tensor peak GiB | plan GiB "
