@@ -24,16 +24,19 @@ bf16, 4 in fp32), ``W`` the world size.
   layer before and after its activation (4s + 4s); the small terms are the norms' statistics and attention's
   log-sum-exp (4 bytes per token and head). Outside the blocks: the final norm's input (4N), the embedding norm's
   input in the modern block (4N), the token ids, and the loss: the fused loss (bf16, or a soft-cap) keeps the
-  gradients it computes in forward, ``4N`` for the hidden states and ``4 x rows x n_embd`` for the head; the plain
+  gradients it computes in forward, ``4N`` for the hidden states and ``4 x vocabulary x n_embd`` for the head; the plain
   fp32 loss keeps the log-softmax of every logit (``4 x tokens x vocab``). With activation checkpointing a block
   keeps only its fp32 input (``4N``), and backward rebuilds one block at a time.
-- **temporaries**: what lives only inside forward or backward: one chunk of the fused loss
-  (``1024 rows x vocab x (4 + 2s)``) or the plain loss's logits and their gradient, one block's activation
-  gradients (``8sN``), and with checkpointing the block being recomputed.
+- **temporaries**: the larger of what lives only inside forward (one chunk of the fused loss,
+  ``1024 rows x vocabulary x (4 + 2s)``, or the plain loss's logits and their gradient) and inside a block's
+  backward (its activation gradients, ``8sN``, and with checkpointing the block being rebuilt).
 
-The plan leaves out what the framework itself holds (the CUDA context, allocator fragmentation, the Python
-runtime): measured peaks (``measure``) run 5-15% above it, see bench/RESULTS.md. ``python -m gpt2.memory``
-prints the table of GPT-2 sizes x parallelism x GPU memory (MEMORY_TABLE.md).
+The plan counts tensors, as ``TensorMemory`` measures them: within 0.89-1.08x of a step's measured tensor peak in
+``tests/test_memory.py``, +3% (+6% with checkpointing) for a GPT-2 124M step (bench/RESULTS.md). It leaves out
+what the framework holds besides (the CUDA context, the allocator's cached or fragmented memory, the Python
+runtime): a CPU process's peak RSS ran 12-59% above it there. ``--micro-batch auto`` holds the plan against the
+memory available on a CPU, and tries each size on a GPU (``cuda_fits``). ``python -m gpt2.memory`` prints the
+table of GPT-2 sizes x parallelism x GPU memory (MEMORY_TABLE.md).
 """
 
 from __future__ import annotations
@@ -369,14 +372,17 @@ def table(cfg: TableConfig) -> str:
         f"({optimizer}), {cfg.dtype}; FSDP shards over {cfg.world_size} GPUs (DDP's memory does not depend on the "
         f"number of GPUs). The plan counts the tensors of an eager step (weights, gradients, optimizer state, bf16 "
         "copies, the activations autograd saves, the largest temporaries), checked against what a CPU step really "
-        "allocates (`tests/test_memory.py`: within 1% for the activations, about 10% for the peak); it leaves out "
-        "the CUDA context and allocator fragmentation, which the 10% margin is for. `torch.compile` usually needs "
-        "less. `make gpu-check` measures the 124M rows on a GPU (peak memory beside the plan of each run).",
+        "allocates (`tests/test_memory.py`: within 1% for the activations, 0.89-1.08x for the peak; +3% for a GPT-2 "
+        "124M step, `bench/RESULTS.md`); it leaves out the CUDA context and the allocator's cached memory, which the "
+        "10% margin is for. `torch.compile` usually needs less. `make gpu-check` measures the 124M rows on a GPU "
+        "(peak memory beside the plan of each run).",
         "",
         "The micro-batch does not change the results: the global batch (`--batch-tokens`) is the same, and gradient "
         "accumulation makes up the difference. `--micro-batch auto` picks the largest that fits at start (on a GPU "
         "by trying each, on a CPU from the plan); `--activation-checkpointing` and `--parallel fsdp` are the two "
-        "ways to fit more.",
+        "ways to fit more. With `--parallel fsdp` checkpoints are sharded directories (`ckpt_<step>.dcp`, "
+        "`torch.distributed.checkpoint`) that resume on any number of GPUs, with FSDP or DDP, and that the "
+        "evaluators, sampling and export read as they read checkpoint files.",
         "",
         f"| model | setting | {' | '.join(f'{g} GB' for g in cfg.gpus)} |",
         "|---|---|" + "---|" * len(cfg.gpus),
