@@ -40,7 +40,10 @@ def test_a_killed_worker_restarts_the_job_which_resumes_exactly(synthetic: Path,
             time.sleep(0.05)
         killed_after = find_checkpoints(out)[-1][0]
         os.kill(worker_pid(job.pid, rank=1), signal.SIGKILL)
-        output, _ = job.communicate(timeout=600)
+        try:
+            output, _ = job.communicate(timeout=600)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"the job did not end; its output so far:\n{(e.output or '')[-5000:]}") from None
     finally:
         if job.poll() is None:
             job.kill()
