@@ -43,7 +43,8 @@ def test_a_killed_worker_restarts_the_job_which_resumes_exactly(synthetic: Path,
         try:
             output, _ = job.communicate(timeout=600)
         except subprocess.TimeoutExpired as e:
-            raise AssertionError(f"the job did not end; its output so far:\n{(e.output or '')[-5000:]}") from None
+            so_far = e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output or ""
+            raise AssertionError(f"the job did not end; its output so far:\n{so_far[-5000:]}") from None
     finally:
         if job.poll() is None:
             job.kill()
