@@ -115,6 +115,25 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def finish_distributed() -> None:
+    """End the process group once every rank is done (a collective), so that ending it cannot deadlock.
+
+    gloo's worker threads free a finished collective themselves when they hold its last reference, and its
+    tensors' Python objects need the GIL for that; the process group's destructor joins those threads while
+    holding the GIL. Where the last reference to the group went (a rank leaving ``train``) while a worker was
+    still freeing the run's last collective, the rank hung for good (seen under ``torchrun --max-restarts``; its
+    stacks in gdb: ``~ProcessGroupGloo`` joining ``pt_gloo_runloop``, which waited for the GIL in
+    ``~AsyncBarrierWork``). Here the last collective is a barrier whose handle this function holds until the
+    group has ended, so no worker frees anything then; the handle is freed after, on this thread.
+    """
+    if not dist.is_initialized():
+        return
+    last = dist.barrier(async_op=True)
+    last.wait()
+    dist.destroy_process_group()
+    del last
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.is_distributed:
         dist.barrier()

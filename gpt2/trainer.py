@@ -49,6 +49,7 @@ from gpt2.distributed import (
     barrier,
     destroy_distributed,
     enable_tf32,
+    finish_distributed,
     init_distributed,
     peak_memory_gib,
 )
@@ -672,6 +673,10 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, stop: StopRequest 
     try:
         trainer = Trainer(cfg, ctx, reporter, stop or StopRequest())
         with trainer.trackers:  # closed (with the exit status) however the run ends
-            return trainer.run()
-    finally:
+            result = trainer.run()
+    except BaseException:
         destroy_distributed()
+        raise
+    del trainer  # its modules (DDP's reducer, FSDP's mesh) hold the process group: let it go first
+    finish_distributed()
+    return result
