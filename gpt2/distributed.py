@@ -124,7 +124,8 @@ def finish_distributed() -> None:
     still freeing the run's last collective, the rank hung for good (seen under ``torchrun --max-restarts``; its
     stacks in gdb: ``~ProcessGroupGloo`` joining ``pt_gloo_runloop``, which waited for the GIL in
     ``~AsyncBarrierWork``). Here the last collective is a barrier whose handle this function holds until the
-    group has ended, so no worker frees anything then; the handle is freed after, on this thread.
+    group has ended (call it once nothing else holds the group: ``train`` lets go of its trainer first), so no
+    worker frees anything then; the handle is freed after, on this thread.
     """
     if not dist.is_initialized():
         return
