@@ -89,10 +89,12 @@ def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
 
 
 def cli_flags(data: Path, out: Path, **overrides) -> list[str]:
-    """The train.py command line of ``tiny(data, out, **overrides)``."""
+    """The train.py command line of ``tiny(data, out, **overrides)`` (a None leaves the flag at its default)."""
     args = []
     for name, value in {**TINY, **overrides, "data": data, "out": out}.items():
         flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + flag[2:])
         else:
@@ -173,3 +175,16 @@ def speedrun_model(seed: int = 0, **overrides) -> GPT:
             if "ve_gate" in name or "skip_weights" in name:
                 p.normal_(0.5, 0.5)
     return model.eval()
+
+
+def worker_pid(parent: int, rank: int) -> int:
+    """The pid of torchrun worker ``rank`` among the children of process ``parent`` (Linux /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile, or not ours to read
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker of rank {rank} under pid {parent}")

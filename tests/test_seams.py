@@ -76,7 +76,7 @@ def test_an_architecture_change_in_the_model_reaches_training_validation_hellasw
             "brute_force": [reference_losses(model, e)[0] for e in examples],
             "sample": generate(model, [464, 3290], num_samples=2, max_new_tokens=8, top_k=1, dtype="fp32"),
             "greedy": greedy(model, [464, 3290], 8),
-            "train": [r["loss"] for r in read_log(out)],
+            "train": [r["loss"] for r in read_log(out) if r["kind"] == "train"],
         }
 
     before = observe(tmp_path / "before")
