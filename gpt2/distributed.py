@@ -105,7 +105,7 @@ def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dict[str, 
     The agent's store outlives its workers. After ``--max-restarts`` restarts them, the new workers would read the
     keys the dead ones left there (gloo: "connectFullMesh failed ... Connection refused" to a port of the previous
     attempt; measured, ../shared/notes); ``TORCHELASTIC_RESTART_COUNT`` names the attempt, so each one meets under
-    keys of its own. It counts the restarts of this node's agent: see ELASTIC.md for several nodes.
+    keys of its own. It counts the restarts of this node's agent: see the README on restarts for several nodes.
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}

@@ -36,7 +36,7 @@ The plan counts tensors, as ``TensorMemory`` measures them: within 0.89-1.08x of
 what the framework holds besides (the CUDA context, the allocator's cached or fragmented memory, the Python
 runtime): a CPU process's peak RSS ran 12-59% above it there. ``--micro-batch auto`` holds the plan against the
 memory available on a CPU, and tries each size on a GPU (``cuda_fits``). ``python -m gpt2.memory`` prints the
-table of GPT-2 sizes x parallelism x GPU memory (MEMORY_TABLE.md).
+table of GPT-2 sizes x parallelism x GPU memory (the README's "Memory" section).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Elastic restarts (ELASTIC.md): under ``torchrun --max-restarts 1`` a worker killed after a checkpoint makes torchrun
-restart the workers, which resume from the newest checkpoint and finish with the losses of an uninterrupted run and
-a log.jsonl holding each step once; a rank that stops answering ends the job at --collective-timeout."""
+"""Elastic restarts (README, "Restarts after a lost worker"): under ``torchrun --max-restarts 1`` a worker killed
+after a checkpoint makes torchrun restart the workers, which resume from the newest checkpoint and finish with the
+losses of an uninterrupted run and a log.jsonl holding each step once; a rank that stops answering ends the job at
+--collective-timeout."""
 
 from __future__ import annotations
 
