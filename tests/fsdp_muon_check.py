@@ -48,7 +48,11 @@ def main() -> None:
                 "moved": max((p - p0).abs().max().item() for p, p0 in zip(whole, start)),
             }
         )
-    print(json.dumps({"rank": dist.get_rank(), "steps": steps}))
+    # One process prints every rank's result: two ranks writing to one pipe can interleave within a line.
+    results: list = [None] * dist.get_world_size()
+    dist.all_gather_object(results, {"rank": dist.get_rank(), "steps": steps})
+    if dist.get_rank() == 0:
+        print(json.dumps(results))
     dist.destroy_process_group()
 
 

@@ -178,7 +178,7 @@ def test_fsdp_continues_a_ddp_checkpoint_and_trains_compiled_in_bf16(synthetic: 
 def test_muon_on_shards_is_muon_bit_for_bit():
     r = torchrun(ROOT / "tests" / "fsdp_muon_check.py")
     assert r.returncode == 0, r.stderr[-3000:]
-    results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    [results] = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("[")]
     assert sorted(result["rank"] for result in results) == [0, 1]
     for result in results:
         for step in result["steps"]:
