@@ -7,7 +7,8 @@
 #      `--recipe gpt2` and `--recipe modern` where train.py has that flag): tok/s, MFU, peak memory, compile time;
 #      then the first recipe at the first micro-batch with activation checkpointing, with FSDP (sharded over the
 #      one GPU: its code path and overheads, not its savings), with both, and with `--micro-batch auto` (the
-#      GPU trial of each size): peak memory against the memory plan of each run's log;
+#      GPU trial of each size): peak memory against the memory plan of each run's log; then modern-v1 with every
+#      second-generation piece (flex attention with document masks and windows), with a val pass and a sample;
 #   3. eval_hellaswag.py on the trained checkpoint and data/sample's 200 examples: examples/s;
 #   4. prepare_fineweb.py on a generated JSONL of varied real text (~1 GB) with 1, 2, 4, 8 and all workers.
 #
@@ -97,6 +98,13 @@ if grep -q -- '--activation-checkpointing' <<<"$help"; then
   train_run "${memory_run}_fsdp" "$first_recipe" "$first_micro_batch" --parallel fsdp
   train_run "${memory_run}_fsdp_ac" "$first_recipe" "$first_micro_batch" --parallel fsdp --activation-checkpointing
   train_run "${first_recipe}_auto" "$first_recipe" auto
+fi
+# The second-generation pieces together (off in the recipes but for those the bench kept): document masks and
+# short/long windows through flex attention on CUDA, value embeddings, U-net skips, Muon on q, k, v apart; compiled,
+# with a val pass and a sample at the last step.
+if grep -q -- '--window-pattern' <<<"$help"; then
+  train_run "pieces_mb$first_micro_batch" modern-v1 "$first_micro_batch" --doc-mask --window-pattern SL \
+    --value-embeds 1 --unet-skips --split-qkv --eval-every "$STEPS" --sample-every "$STEPS"
 fi
 
 # 3. HellaSwag on the first run's checkpoint

@@ -41,15 +41,20 @@ def test_cpu_smoke_run_reports_every_section(tmp_path: Path):
     assert result["host"]["torch"] == torch.__version__ and result["host"]["cpu_cores"] >= 1
 
     runs = [t["run"] for t in result["train"]]
-    # Both recipes, then checkpointing, FSDP, both, and --micro-batch auto (the memory section)
-    assert runs == ["gpt2_mb4", "modern_mb4", "gpt2_mb4_ac", "gpt2_mb4_fsdp", "gpt2_mb4_fsdp_ac", "gpt2_auto"]
-    assert [t["micro_batch"] for t in result["train"]] == [4, 4, 4, 4, 4, 8]  # auto: the whole share, on a CPU
+    # Both recipes, then checkpointing, FSDP, both, and --micro-batch auto (the memory section), then every
+    # second-generation piece
+    assert runs == ["gpt2_mb4", "modern_mb4", "gpt2_mb4_ac", "gpt2_mb4_fsdp", "gpt2_mb4_fsdp_ac", "gpt2_auto",
+                    "pieces_mb4"]  # fmt: skip
+    assert [t["micro_batch"] for t in result["train"]] == [4, 4, 4, 4, 4, 8, 4]  # auto: the whole share, on a CPU
     assert all(t["planned_gib"] > 0 and t["measured_peak_gib"] > 0 for t in result["train"])
     for t in result["train"]:
         assert t["tok_per_s"] > 0 and t["median_step_s"] > 0 and math.isfinite(t["compile_s"])
         assert t["first_loss"] == pytest.approx(math.log(50257), abs=0.5) and t["final_loss"] < t["first_loss"] + 0.5
         assert t["mfu"] is None or 0 < t["mfu"] < 1
         assert t["peak_memory"] is None or all(v > 0 for v in t["peak_memory"].values())
+
+    pieces = [json.loads(line) for line in (tmp_path / "out" / "train" / "pieces_mb4" / "log.jsonl").open()]
+    assert [r["step"] for r in pieces if r["kind"] in ("val", "sample")] == [0, 4, 4]  # val at 0 and 4, one sample
 
     hellaswag = result["hellaswag"]
     assert hellaswag["n"] == 50 and hellaswag["examples_per_s"] > 0 and 0 <= hellaswag["acc_norm"] <= 1
