@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_hellaswag.py
 	$(PY) bench/bench_evals.py
+	$(PY) bench/bench_val.py
 
 # One CUDA GPU, about 8 minutes: training, HellaSwag and prepare figures into $(OUT) (see scripts/gpu_check.sh).
 gpu-check: $(STAMP)
