@@ -188,12 +188,12 @@ def test_normuon_divides_each_neuron_by_its_rms_ema_and_keeps_the_norm(shape):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, dict(muon_polar_express=True), dict(normuon_beta2=0.95)],
+    [{}, dict(muon_polar_express=True), dict(normuon_beta2=0.95), dict(muon_polar_express=True, normuon_beta2=0.95)],
 )
 def test_options_reach_build_optimizers_and_the_state_resumes_exactly(options):
     torch.manual_seed(0)
     model = GPT(tiny_config(**MODERN_BLOCK, split_qkv=True))
-    opt = build_optimizers(model, train_config(recipe="modern", **options), "cpu")
+    opt = build_optimizers(model, train_config(recipe="modern-v1", **options), "cpu")
     group = opt.optimizers["muon"].param_groups[0]
     assert (group["polar_express"], group["beta2"]) == (
         options.get("muon_polar_express", False), options.get("normuon_beta2", 0.0))  # fmt: skip
@@ -207,7 +207,7 @@ def test_options_reach_build_optimizers_and_the_state_resumes_exactly(options):
     for x in batches[:2]:
         step(model, opt, x)
     resumed = copy.deepcopy(model)
-    resumed_opt = build_optimizers(resumed, train_config(recipe="modern", **options), "cpu")
+    resumed_opt = build_optimizers(resumed, train_config(recipe="modern-v1", **options), "cpu")
     resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     for x in batches[2:]:
         step(model, opt, x)

@@ -56,14 +56,22 @@ def test_roles_cover_every_parameter_once_and_the_gpt2_grouping_matches_v0_1():
     assert all(p.dim() == 2 for p in roles["matrices"]) and all(p.dim() == 1 for p in roles["gains"])
 
 
-def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(synthetic, tmp_path):
-    cfg = tiny(synthetic, tmp_path, recipe="modern")
+@pytest.mark.parametrize(
+    "recipe, adamw_groups",
+    [
+        ("modern-v1", [("embeddings", 0.3), ("head", 0.006)]),
+        # the value-embedding table is an embedding; its gates are gains, at --lr (Muon's rate)
+        ("modern", [("embeddings", 0.3), ("head", 0.006), ("gains", 0.02)]),
+    ],
+)
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(synthetic, tmp_path, recipe, adamw_groups):
+    cfg = tiny(synthetic, tmp_path, recipe=recipe)
     model = GPT(cfg.model_config())
     opt = build_optimizers(model, cfg, "cpu")
     muon, adam = opt.optimizers["muon"], opt.optimizers["adamw"]
     assert isinstance(muon, torch.optim.Muon)
     assert all(p.dim() == 2 and p.shape[0] < 1000 for g in muon.param_groups for p in g["params"])
-    assert [(g["name"], g["base_lr"]) for g in adam.param_groups] == [("embeddings", 0.3), ("head", 0.006)]
+    assert [(g["name"], g["base_lr"]) for g in adam.param_groups] == adamw_groups
     n = sum(p.numel() for o in (muon, adam) for g in o.param_groups for p in g["params"])
     assert n == model.num_params()
 
