@@ -169,6 +169,7 @@ class Executor:
     def __init__(self, work: Path, data: Path, jobs: int) -> None:
         self.work, self.data, self.jobs = work, data, jobs
         self.live: set[subprocess.Popen] = set()
+        self.stopping = False
         self.lock = threading.Lock()
 
     def result_path(self, run: Run) -> Path:
@@ -184,19 +185,31 @@ class Executor:
         return result
 
     def __call__(self, todo: list[Run]) -> dict[str, dict[str, Any]]:
-        """The results of ``todo`` by key: stored ones read back, the others trained in the order given."""
+        """The results of ``todo`` by key: stored ones read back, the others trained in the order given. A run that
+        fails is reported and the others go on; the bench stops after them."""
         missing = list({run.key: run for run in todo if self.stored(run) is None}.values())
-        if missing:
-            print(f"{len(missing)} runs to train ({len(todo) - len(missing)} stored), {self.jobs} at a time",
-                  flush=True)  # fmt: skip
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(self.jobs) as pool:
-                futures = {pool.submit(self.train, run): run for run in missing}
-                for done, future in enumerate(as_completed(futures), 1):
-                    run, result = futures[future], future.result()
-                    final = "diverged" if result["diverged"] else f"{result['final_val']:.4f}"
-                    print(f"  [{done}/{len(missing)} {time.perf_counter() - t0:6.0f} s] {run.key:<58} val {final}  "
-                          f"{result['seconds']:5.0f} s", flush=True)  # fmt: skip
+        if not missing:
+            return {run.key: self.stored(run) for run in todo}
+        print(f"{len(missing)} runs to train ({len(todo) - len(missing)} stored), {self.jobs} at a time", flush=True)
+        t0, failed = time.perf_counter(), []
+        pool = ThreadPoolExecutor(self.jobs)
+        try:
+            futures = {pool.submit(self.train, run): run for run in missing}
+            for done, future in enumerate(as_completed(futures), 1):
+                run = futures[future]
+                try:
+                    result = future.result()
+                except RuntimeError as e:
+                    failed.append(run.key)
+                    print(f"  {e}", flush=True)
+                    continue
+                final = "diverged" if result["diverged"] else f"{result['final_val']:.4f}"
+                print(f"  [{done}/{len(missing)} {time.perf_counter() - t0:6.0f} s] {run.key:<58} val {final}  "
+                      f"{result['seconds']:5.0f} s", flush=True)  # fmt: skip
+        finally:
+            pool.shutdown(cancel_futures=True)  # when interrupted: no queued run starts
+        if failed:
+            raise SystemExit(f"{len(failed)} runs failed: {', '.join(failed)}")
         return {run.key: self.stored(run) for run in todo}
 
     def train(self, run: Run) -> dict[str, Any]:
@@ -210,10 +223,12 @@ class Executor:
         command = [sys.executable, os.path.abspath(__file__), "--worker", str(spec)]
         with open(folder / "output.txt", "w") as output:
             # its own session: a Ctrl-C of the bench reaches the workers through stop(), not twice
-            process = subprocess.Popen(
-                command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-            )
             with self.lock:
+                if self.stopping:
+                    raise RuntimeError(f"run {run.key} not started: the bench is stopping")
+                process = subprocess.Popen(
+                    command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+                )
                 self.live.add(process)
             code = process.wait()
             with self.lock:
@@ -226,6 +241,7 @@ class Executor:
     def stop(self) -> None:
         """Stop every worker: each finishes its step and exits without a result (its run restarts next time)."""
         with self.lock:
+            self.stopping = True
             for process in self.live:
                 process.send_signal(signal.SIGTERM)
 
