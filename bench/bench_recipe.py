@@ -11,7 +11,9 @@ which way). In order of priority:
    (warmup 715/19073 of the run, cosine to lr/10, as in the full recipe).
 2. modern-v1 at the full budget and at ``--fraction`` of it (``--base-seeds`` seeds: both are compared many times).
 3. pieces: modern-v1 with one second-generation piece added, at ``--fraction``. A piece helps only if it lowers the
-   mean final val loss with one-sided p < ``--alpha``.
+   mean final val loss with one-sided p < ``--alpha``. A comparison whose p-value lands close to its threshold
+   (alpha/5 <= p < 4 alpha: pieces, ablations, and the new modern past its crossing) gets ``--close-seeds`` seeds
+   before it is decided.
 4. new modern: modern-v1 + every piece that helps. If that combination is worse (higher mean) than its best single
    piece, pieces are dropped greedily (each step drops the piece whose removal gives the lowest mean) until it is
    not. Then the new modern at each of ``--budgets`` (each a complete run: its schedule ends within its own budget),
@@ -157,6 +159,11 @@ def modern_runs(pieces: list[str], scale: Scale, fraction: float, seeds: int) ->
     """``runs`` of modern-v1 with ``pieces`` added."""
     label, flags = modern(pieces)
     return runs(label, scale, fraction, seeds, **flags)
+
+
+def reseed(todo: list[Run], seeds: int) -> list[Run]:
+    """The same configuration with ``seeds`` seeds (the first ones are those of ``todo``)."""
+    return [Run(todo[0].label, todo[0].flags, todo[0].steps, FIRST_SEED + i) for i in range(seeds)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -384,6 +391,23 @@ def plot(path: Path, curves: dict[str, list[dict[str, Any]]], title: str, target
 # The bench
 
 
+def settle(
+    execute: Callable[[list[Run]], dict[str, dict[str, Any]]],
+    groups: dict[Any, list[Run]],
+    base: Stats,
+    alternative: str,
+    alpha: float,
+    seeds: int,
+) -> dict[Any, list[Run]]:
+    """``groups`` (configurations compared with ``base``), those whose p-value is close to ``alpha`` (within
+    [alpha / 5, 4 alpha)) with ``seeds`` seeds instead, and every run of them trained."""
+    results = execute([r for todo in groups.values() for r in todo])
+    close = [k for k, todo in groups.items() if alpha / 5 <= welch(stats(results, todo), base, alternative) < 4 * alpha]
+    groups = {k: reseed(todo, max(seeds, len(todo))) if k in close else todo for k, todo in groups.items()}
+    execute([r for todo in groups.values() for r in todo])
+    return groups
+
+
 def new_modern_pieces(
     execute: Callable[[list[Run]], dict[str, dict[str, Any]]],
     singles: dict[str, Stats],
@@ -427,6 +451,8 @@ def bench(args: argparse.Namespace, execute: Executor) -> list[str]:
     best_lr = min(args.gpt2_lrs, key=lambda lr: sweep_losses[lr])
     gpt2 = runs(f"gpt2 lr {best_lr:g}", b, 1.0, args.seeds, recipe="gpt2", lr=best_lr, min_lr=best_lr / 10)
     results.update(execute(gpt2))
+    singles = settle(execute, singles, stats(results, v1_part), "less", args.alpha, args.close_seeds)
+    results.update(execute([r for todo in singles.values() for r in todo]))
     gpt2_stats, v1_stats, base = stats(results, gpt2), stats(results, v1_full), stats(results, v1_part)
     single_stats = {name: stats(results, todo) for name, todo in singles.items()}
     out = [f"## Bench: {b.n_layer} layers × {b.n_embd}, seq {b.seq_len}, budget {b.budget_tokens:,} tokens "
@@ -442,6 +468,11 @@ def bench(args: argparse.Namespace, execute: Executor) -> list[str]:
     fractions = sorted({*args.budgets, *args.plot_budgets, fraction, 1.0})
     budgets = {f: runs(label, b, f, args.seeds, **flags) for f in fractions}
     results.update(execute([r for todo in budgets.values() for r in todo]))
+    _, past = crossing([(f, stats(results, todo).mean) for f, todo in budgets.items()], v1_stats.mean)
+    if past is not None and label != v1_full[0].label:  # the budget past the crossing: p < 0.01 is the target
+        f = sorted(budgets)[past]
+        budgets.update(settle(execute, {f: budgets[f]}, v1_stats, "less", args.target_p, args.close_seeds))
+        results.update(execute(budgets[f]))
     budget_stats = {todo[0].steps / b.steps(1.0): stats(results, todo) for todo in budgets.values()}
     out.append(f"New modern: {label}; flags {json.dumps(flags)}.\n")
     out += comparison_table(base, [(f"new modern at {fraction:.0%}", stats(results, budgets[fraction]))], "less",
@@ -452,6 +483,7 @@ def bench(args: argparse.Namespace, execute: Executor) -> list[str]:
     if "ablation" in args.sections:
         ablations = {name: runs(f"modern-v1-{name}", b, fraction, args.seeds, recipe="modern-v1",
                                 **ABLATIONS[name][1]) for name in ABLATIONS}  # fmt: skip
+        ablations = settle(execute, ablations, base, "greater", args.alpha, args.close_seeds)
         results.update(execute([r for todo in ablations.values() for r in todo]))
         out += ["", f"### Ablation: modern-v1 with one piece switched back, at {fraction:.0%} of the budget", "",
                 "One-sided p: H1 switching the piece back raises the mean final val loss.", ""]  # fmt: skip
@@ -583,6 +615,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="seeds of each configuration")
     p.add_argument("--base-seeds", type=int, default=5, help="seeds of modern-v1, which every comparison uses")
     p.add_argument("--alpha", type=float, default=0.05, help="a piece helps if its one-sided p is below this")
+    p.add_argument("--target-p", type=float, default=0.01, help="the new modern's p at the crossing budget")
+    p.add_argument(
+        "--close-seeds",
+        type=int,
+        default=5,
+        help="seeds of a configuration whose p-value is close to the threshold (alpha/5 <= p < 4 alpha)",
+    )
     p.add_argument("--budget-tokens", type=int, default=786_432, help="the gpt2 recipe's training tokens")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256, help="width (heads of 64)")
