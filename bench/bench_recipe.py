@@ -293,6 +293,7 @@ class Stats:
     label: str
     tokens: int
     values: list[float]
+    seeds: list[int]  # the seed of each value
     diverged: int = 0
 
     @property
@@ -314,8 +315,9 @@ class Stats:
 def stats(results: dict[str, dict[str, Any]], todo: list[Run]) -> Stats:
     """The statistics of one configuration's runs."""
     rows = [results[run.key] for run in todo]
-    return Stats(todo[0].label, rows[0]["tokens"], [r["final_val"] for r in rows if not r["diverged"]],
-                 sum(1 for r in rows if r["diverged"]))  # fmt: skip
+    kept = [r for r in rows if not r["diverged"]]
+    return Stats(todo[0].label, rows[0]["tokens"], [r["final_val"] for r in kept], [r["seed"] for r in kept],
+                 len(rows) - len(kept))  # fmt: skip
 
 
 def welch(a: Stats, b: Stats, alternative: str = "two-sided") -> float:
@@ -325,6 +327,20 @@ def welch(a: Stats, b: Stats, alternative: str = "two-sided") -> float:
     if a.n < 2 or b.n < 2:
         return math.nan
     return float(ttest_ind(a.values, b.values, equal_var=False, alternative=alternative).pvalue)
+
+
+def paired(a: Stats, b: Stats, alternative: str = "two-sided") -> float:
+    """The paired t-test p-value of a vs b over the seeds they share (a seed fixes the data order of the windows
+    layout, so pairing takes the data's share of the spread out): supplementary, not the bench's decision rule."""
+    from scipy.stats import ttest_rel
+
+    common = sorted(set(a.seeds) & set(b.seeds))
+    if len(common) < 3:
+        return math.nan
+    value = lambda s, seed: s.values[s.seeds.index(seed)]  # noqa: E731
+    return float(
+        ttest_rel([value(a, k) for k in common], [value(b, k) for k in common], alternative=alternative).pvalue
+    )
 
 
 def crossing(points: list[tuple[float, float]], target: float) -> tuple[float | None, int | None]:
@@ -348,14 +364,16 @@ def p_text(p: float) -> str:
 
 
 def comparison_table(base: Stats, rows: list[tuple[str, Stats]], alternative: str, header: str) -> list[str]:
-    """Markdown rows: each configuration against ``base`` (difference of means, one-sided and two-sided p)."""
-    lines = [f"| {header} | n | final val (mean ± sd) | Δ vs base | p one-sided | p two-sided |",
-             "|---|---|---|---|---|---|",
-             f"| base: {base.label} | {base.n} | {base.text()} | | | |"]  # fmt: skip
+    """Markdown rows: each configuration against ``base``: the difference of means, Welch's p one-sided (the
+    decision) and two-sided, and the seed-paired one-sided p (supplementary)."""
+    lines = [f"| {header} | n | final val (mean ± sd) | Δ vs base | Welch p one-sided | two-sided | paired p |",
+             "|---|---|---|---|---|---|---|",
+             f"| base: {base.label} | {base.n} | {base.text()} | | | | |"]  # fmt: skip
     for name, s in rows:
         diverged = f" ({s.diverged} diverged)" if s.diverged else ""
         lines.append(f"| {name} | {s.n}{diverged} | {s.text()} | {s.mean - base.mean:+.4f} | "
-                     f"{p_text(welch(s, base, alternative))} | {p_text(welch(s, base))} |")  # fmt: skip
+                     f"{p_text(welch(s, base, alternative))} | {p_text(welch(s, base))} | "
+                     f"{p_text(paired(s, base, alternative))} |")  # fmt: skip
     return lines
 
 
