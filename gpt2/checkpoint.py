@@ -5,6 +5,8 @@ version, ``FORMAT_VERSION``), ``"model"`` (state dict with GPT-2 names, no ``_or
 ``"config"`` (the ``GPTConfig`` fields as a plain dict) and ``"step"`` (optimizer steps taken), plus the trainer's
 run state: one entry per stateful component (``optimizer``, ``loader``, ``rng``, ``progress``), each its
 ``state_dict()``, and ``train_config``. Files are ``<run>/ckpt_<step:06d>.pt``, written atomically.
+``--parallel fsdp`` writes the same entries as a sharded directory ``<run>/ckpt_<step:06d>.dcp``
+(``gpt2.sharded_checkpoint``), which every reader here reads too.
 
 ``load_checkpoint`` reads every layout there has been and hands back today's: it dispatches on ``format`` (the
 two releases before formats were numbered are told apart once, in ``checkpoint_format``) and upgrades one
@@ -28,15 +30,21 @@ from gpt2.errors import UserError
 from gpt2.files import atomic_write
 from gpt2.hf import is_hub_id, load_hf_model
 from gpt2.model import GPT
-from gpt2.rundir import find_checkpoints
+from gpt2.rundir import find_checkpoints, is_sharded_checkpoint
 from gpt2.tokenizer import N_VOCAB
 
 FORMAT_VERSION = 3
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip the prefixes that ``torch.compile`` (``_orig_mod.``) and DDP (``module.``) add to names."""
-    return {re.sub(r"^(?:_orig_mod\.|module\.)+", "", k).replace("._orig_mod.", "."): v for k, v in state.items()}
+    """Strip the prefixes that ``torch.compile`` (``_orig_mod.``) and DDP (``module.``) add to names, and the
+    activation-checkpointing wrapper's (``_checkpoint_wrapped_module.``, in ``named_parameters()``' names)."""
+    return {
+        re.sub(r"^(?:_orig_mod\.|module\.)+", "", k)
+        .replace("._orig_mod.", ".")
+        .replace("_checkpoint_wrapped_module.", ""): v
+        for k, v in state.items()
+    }
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -89,11 +97,17 @@ def read_torch_file(path: str | Path) -> Any:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file of any format, in today's layout; a missing, truncated or foreign file, or one
-    written by a newer release, is a ``UserError``."""
+    """Read a checkpoint of any format, in today's layout: a file, or a sharded checkpoint's directory but its
+    optimizer state (consolidated, in this process). A missing, truncated or foreign one, or one written by a
+    newer release, is a ``UserError``."""
     path = Path(path)
     try:
-        ckpt = read_torch_file(path)
+        if is_sharded_checkpoint(path):
+            from gpt2.sharded_checkpoint import read_consolidated  # torch.distributed.checkpoint: 1-2 s to import
+
+            ckpt = read_consolidated(path, skip=("optimizer",))
+        else:
+            ckpt = read_torch_file(path)
     except PickledObjects as e:
         raise UserError(f"checkpoint {e}; a nanoGPT or build-nanogpt checkpoint converts with: "
                         f"python -m gpt2.convert {path} OUT --trust-pickle") from None  # fmt: skip
@@ -172,7 +186,7 @@ class ModelState:
 
 
 def load_model(target: str | Path, device: str = "cpu") -> tuple[GPT, dict[str, Any]]:
-    """The model behind ``target``: a checkpoint file, a run directory (its newest checkpoint),
+    """The model behind ``target``: a checkpoint (file or sharded directory), a run directory (its newest checkpoint),
     a Hugging Face GPT-2 directory, or a hub id such as ``gpt2``.
 
     Returns the model in eval mode on ``device`` and ``{"source": ..., "step": ...}`` (step is None for HF weights).
@@ -180,7 +194,7 @@ def load_model(target: str | Path, device: str = "cpu") -> tuple[GPT, dict[str, 
     path = Path(target)
     if path.is_dir() and not (path / "config.json").exists() and (checkpoints := find_checkpoints(path)):
         path = checkpoints[-1][1]
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path):
         ckpt = load_checkpoint(path)
         model, info = model_from_checkpoint(ckpt, path), {"source": str(path), "step": int(ckpt["step"])}
     elif (path / "config.json").is_file() or is_hub_id(str(target)):

@@ -32,15 +32,17 @@ def option(
     group: str | None = None,
     bare: Any = None,
     cli: bool = True,
+    convert: Callable[[str], Any] | None = None,
 ) -> Any:
     """A config field that is also a command-line argument.
 
     ``aliases`` are deprecated spellings that still work and print a note saying the new one; ``group``
     puts the flag under a heading in ``--help``; ``bare`` is the value of the flag given without one (its
-    argument becomes optional); ``cli=False`` keeps a field off the command line.
+    argument becomes optional); ``cli=False`` keeps a field off the command line; ``convert`` reads the
+    argument instead of the annotation's type (a value such as ``auto`` beside numbers).
     """
     metadata = dict(help=help, choices=choices, positional=positional, short=short, aliases=tuple(aliases),
-                    metavar=metavar, group=group, bare=bare, cli=cli)  # fmt: skip
+                    metavar=metavar, group=group, bare=bare, cli=cli, convert=convert)  # fmt: skip
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -134,7 +136,7 @@ def _add_argument(parser: argparse._ActionsContainer, f: Field, hint: Any, defau
     else:
         if typing.get_origin(base) is list:
             base, kwargs["nargs"] = typing.get_args(base)[0], "+"
-        kwargs["type"] = base
+        kwargs["type"] = meta["convert"] or base
         kwargs["metavar"] = meta["metavar"] or f.name.upper()
         if meta["bare"] is not None:
             kwargs.update(nargs="?", const=meta["bare"])

@@ -157,6 +157,7 @@ PADDED_VOCAB_MULTIPLE = 64  # 50257 -> 50304 rows: aligned matmuls on GPUs, neve
 OPTIMIZERS = ("adamw", "muon")
 DATA_LAYOUTS = ("windows", "documents")
 SCHEDULES = ("cosine", "wsd")
+PARALLEL = ("ddp", "fsdp")  # how the model is spread over the processes (gpt2.parallel)
 ADAMW_LR = 6e-4  # GPT-3 Small's AdamW rate (the hidden matrices under --optimizer adamw)
 MUON_LR = 0.02  # torch.optim.Muon's rate for the hidden matrices (the modern recipe's, bench/bench_recipe.py)
 SIZE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # with the block: the architecture
@@ -167,6 +168,11 @@ PRESET_RUNS: dict[str, dict[str, int]] = {
     "demo": dict(seq_len=64, micro_batch=16, batch_tokens=2048, max_steps=200, warmup_steps=10, eval_every=50,
                  val_tokens=16384, save_every=50, sample_every=100),
 }  # fmt: skip
+
+
+def int_or_auto(text: str) -> int | None:
+    """A ``--micro-batch`` argument: a number, or ``auto`` (None: the largest that fits, found at start)."""
+    return None if text == "auto" else int(text)
 
 
 @dataclass(kw_only=True)
@@ -219,7 +225,11 @@ class TrainConfig:
         "packed best-fit from a buffer (nanochat) (recipe)", choices=DATA_LAYOUTS,
     )  # fmt: skip
     buffer_docs: int = option(1000, "documents layout: documents in the best-fit buffer")
-    micro_batch: int = option(64, "sequences per forward/backward on each process")
+    micro_batch: int | None = option(
+        64, "sequences per forward/backward on each process; auto: the largest that divides the process's share of "
+        "the batch and fits in memory, found at start (the results do not depend on it)",
+        convert=int_or_auto, metavar="N|auto",
+    )  # fmt: skip
     batch_tokens: int = option(524288, "tokens per optimizer step over all processes (2**19, as in GPT-3 Small)")
     max_steps: int = option(19073, "optimizer steps (19073 x 524288 tokens = one epoch of FineWeb-Edu 10B)")
     optimizer: str = option(
@@ -281,15 +291,27 @@ class TrainConfig:
     peak_tflops: str = option(
         "auto", "device bf16 peak for MFU: auto (known GPUs; measured once on CPU), none, or a number in TFLOP/s"
     )
+    activation_checkpointing: bool = option(
+        False, "recompute each block's activations during backward instead of keeping them: the same results "
+        "with less activation memory, for about one more forward pass of compute"
+    )  # fmt: skip
+    parallel: str = option(
+        "ddp", "ddp: every process holds the whole model, gradients and optimizer state; fsdp: they are sharded over "
+        "the processes (FSDP2), checkpoints are sharded directories (torch.distributed.checkpoint)", choices=PARALLEL,
+    )  # fmt: skip
+    collective_timeout: float = option(
+        1800.0, "seconds a collective waits for the other processes before the job fails (a process that stopped "
+        "answering ends the job instead of hanging it)"
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
-        positive = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "seq_len", "micro_batch",
-                    "batch_tokens", "max_steps", "num_samples", "max_new_tokens", "lr", "buffer_docs",
-                    "muon_ns_steps")  # fmt: skip
+        positive = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "seq_len", "batch_tokens",
+                    "max_steps", "num_samples", "max_new_tokens", "lr", "buffer_docs", "muon_ns_steps",
+                    "collective_timeout")  # fmt: skip
         non_negative = ("warmup_steps", "eval_every", "val_tokens", "sample_every", "hellaswag_every",
                         "save_every", "keep_last", "seed", "grad_clip", "weight_decay", "min_lr", "rope_theta",
                         "logit_softcap", "short_window", "value_embeds", "normuon_beta2")  # fmt: skip
-        for name in positive + ("embed_lr", "head_lr", "gains_lr", "hellaswag_limit"):
+        for name in positive + ("micro_batch", "embed_lr", "head_lr", "gains_lr", "hellaswag_limit"):  # None: unset
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"{flag(name)} must be positive, got {value}")
@@ -298,7 +320,7 @@ class TrainConfig:
                 raise UserError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
         for name, allowed in (("recipe", RECIPES), ("model", PRESETS), ("norm", NORMS), ("mlp", MLPS),
                               ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("data_layout", DATA_LAYOUTS),
-                              ("device", DEVICES),
+                              ("parallel", PARALLEL), ("device", DEVICES),
                               ("dtype", DTYPES)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown {flag(name)} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")

@@ -135,12 +135,15 @@ class TokenStream:
         if len(starts) == 0 or max(x.max(), y[:, -1].max()) < self.vocab_size:
             return
         rows, cols = np.nonzero(np.concatenate([x, y[:, -1:]], axis=1) >= self.vocab_size)
-        position = starts[rows[0]] + int(cols[0])
+        raise self.vocab_error(starts[rows[0]] + int(cols[0]))
+
+    def vocab_error(self, position: int) -> UserError:
+        """The error for stream token ``position``, an id the model's vocabulary does not have."""
         k = self.shard_of(position)
-        token = int(self.arrays[k][position - int(self.offsets[k])])
-        raise UserError(
-            f"{self.paths[k]} holds token id {token} at offset {position - int(self.offsets[k])}, but the "
-            f"vocabulary has only {self.vocab_size} ids; the shards were made with a different tokenizer"
+        offset = position - int(self.offsets[k])
+        return UserError(
+            f"{self.paths[k]} holds token id {int(self.arrays[k][offset])} at offset {offset}, but the vocabulary "
+            f"has only {self.vocab_size} ids; the shards were made with a different tokenizer"
         )
 
 
@@ -281,6 +284,7 @@ class TrainLoader:
     def _identity(self) -> dict:
         """What fixes the meaning of a step: a resume must agree on all of it."""
         return {
+            "layout": "windows",
             "seed": self.seed,
             "shuffle": self.shuffle,
             "seq_len": self.seq_len,
@@ -291,38 +295,50 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         """The position (the next global step) and the run's identity: plain ints, the same on every rank."""
-        if self.micro_step != 0:
-            raise RuntimeError(
-                f"TrainLoader.state_dict() called after {self.micro_step} of {self.grad_accum_steps} micro-batches "
-                f"of step {self.step}; save only between optimizer steps"
-            )
+        check_between_steps(self)
         return {"step": self.step, **self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue with the global step after the saved one; refuse a state that belongs to a different run."""
-        if state.get("layout", "windows") != "windows":
-            raise UserError(
-                f"cannot resume the data order: the checkpoint was trained on rows laid out by {state['layout']!r}, "
-                "this run on windows of the token stream; resume with the checkpoint's data layout"
-            )
-        flags = {"seed": "--seed", "shuffle": "shuffle", "seq_len": "--seq-len", "batch_tokens": "--batch-tokens"}
-        identity = self._identity()
-        mismatches = [
-            f"{flag} {state.get(key)} (now {identity[key]})"
-            for key, flag in flags.items()
-            if state.get(key) != identity[key]
-        ]
-        if mismatches:
-            raise UserError(
-                f"cannot resume the data order: the checkpoint was made with {', '.join(mismatches)}; "
-                f"resume with the checkpoint's settings"
-            )
-        if state.get("train_tokens") != self.train_tokens:
-            raise UserError(
-                f"cannot resume the data order: the checkpoint was trained on {state.get('train_tokens')} train "
-                f"tokens but the data directory now has {self.train_tokens}; point --data at the same data"
-            )
+        check_same_run(state, self._identity(), {"seed": "--seed", "shuffle": "shuffle", "seq_len": "--seq-len",
+                                                 "batch_tokens": "--batch-tokens"})  # fmt: skip
         self.step, self.micro_step = int(state["step"]), 0
+
+
+LAYOUTS = {"windows": "windows of the token stream", "documents": "document-aligned rows"}
+
+
+def check_between_steps(loader: TrainLoader) -> None:
+    """A loader's state is a step boundary's: refuse to save one in the middle of a step's micro-batches."""
+    if loader.micro_step != 0:
+        raise RuntimeError(
+            f"{type(loader).__name__}.state_dict() called after {loader.micro_step} of {loader.grad_accum_steps} "
+            f"micro-batches of step {loader.step}; save only between optimizer steps"
+        )
+
+
+def check_same_run(state: dict, identity: dict, flags: dict[str, str]) -> None:
+    """Refuse a loader ``state`` saved by a different run: another data layout, any of ``flags`` (state key ->
+    the flag that sets it) different from this run's ``identity``, or other train data. States saved before
+    layouts existed are windows'."""
+    saved_layout, layout = state.get("layout", "windows"), identity["layout"]
+    if saved_layout != layout:
+        raise UserError(
+            f"cannot resume the data order: the checkpoint was trained on {LAYOUTS.get(saved_layout, saved_layout)}, "
+            f"this run on {LAYOUTS[layout]}; resume with the checkpoint's --data-layout"
+        )
+    mismatches = [f"{flag} {state.get(key)} (now {identity[key]})" for key, flag in flags.items()
+                  if state.get(key) != identity[key]]  # fmt: skip
+    if mismatches:
+        raise UserError(
+            f"cannot resume the data order: the checkpoint was made with {', '.join(mismatches)}; "
+            f"resume with the checkpoint's settings"
+        )
+    if state.get("train_tokens") != identity["train_tokens"]:
+        raise UserError(
+            f"cannot resume the data order: the checkpoint was trained on {state.get('train_tokens')} train "
+            f"tokens but the data directory now has {identity['train_tokens']}; point --data at the same data"
+        )
 
 
 class ValLoader:

@@ -62,8 +62,12 @@ class DistContext:
         return torch.device(self.device).type
 
 
-def init_distributed(device: str = "auto") -> DistContext:
-    """Start the process group when launched by torchrun; return this process's place and device."""
+def init_distributed(device: str = "auto", timeout: timedelta = COLLECTIVE_TIMEOUT) -> DistContext:
+    """Start the process group when launched by torchrun; return this process's place and device.
+
+    ``timeout`` bounds every collective: a rank that stops answering fails the others' next collective after it
+    (gloo raises; NCCL's watchdog aborts the process), so the job ends, and torchrun may restart it.
+    """
     device_type = resolve_device(device)
     if "RANK" not in os.environ:
         if device_type == "cuda":
@@ -88,13 +92,53 @@ def init_distributed(device: str = "auto") -> DistContext:
     if not dist.is_initialized():
         # device_id binds the NCCL communicator to this rank's GPU at once (no guessing, no stray context on GPU 0).
         device_id = torch.device(device_name) if backend == "nccl" else None
-        dist.init_process_group(backend=backend, device_id=device_id, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(
+            backend=backend, device_id=device_id, timeout=timeout, **_attempt_store(rank, world_size, timeout)
+        )
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device_name)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dict[str, Any]:
+    """Where the process group meets: under a torchrun agent that hosts the store (TORCHELASTIC_USE_AGENT_STORE),
+    a prefix of that store proper to this attempt of the workers; elsewhere the env:// default (no arguments).
+
+    The agent's store outlives its workers. After ``--max-restarts`` restarts them, the new workers would read the
+    keys the dead ones left there (gloo: "connectFullMesh failed ... Connection refused" to a port of the previous
+    attempt; measured, ../shared/notes); ``TORCHELASTIC_RESTART_COUNT`` names the attempt, so each one meets under
+    keys of its own. It counts the restarts of this node's agent: see the README on restarts for several nodes.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"gpt2/attempt_{attempt}", agent_store), "rank": rank, "world_size": world_size}
 
 
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish_distributed() -> None:
+    """End the process group once every rank is done (a collective), so that ending it cannot deadlock.
+
+    gloo's worker threads free a finished collective themselves when they hold its last reference, and its
+    tensors' Python objects need the GIL for that; the process group's destructor joins those threads while
+    holding the GIL. Where the last reference to the group went (a rank leaving ``train``) while a worker was
+    still freeing the run's last collective, the rank hung for good (seen under ``torchrun --max-restarts``; its
+    stacks in gdb: ``~ProcessGroupGloo`` joining ``pt_gloo_runloop``, which waited for the GIL in
+    ``~AsyncBarrierWork``). Here the last collective is a barrier whose handle this function holds until the
+    group has ended (call it once nothing else holds the group: ``train`` lets go of its trainer first), so no
+    worker frees anything then; the handle is freed after, on this thread.
+    """
+    if not dist.is_initialized():
+        return
+    last = dist.barrier(async_op=True)
+    last.wait()
+    dist.destroy_process_group()
+    del last
 
 
 def barrier(ctx: DistContext) -> None:

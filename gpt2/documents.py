@@ -37,7 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2.data import TokenStream, _check_positive, _host_buffers, _to_device, _windows_per_step, list_shards
+from gpt2.data import (
+    TokenStream,
+    _check_positive,
+    _host_buffers,
+    _to_device,
+    _windows_per_step,
+    check_between_steps,
+    check_same_run,
+    list_shards,
+)
 from gpt2.errors import UserError
 from gpt2.tokenizer import EOT_ID
 
@@ -247,16 +256,9 @@ class DocumentLoader:
         if row.max() < self.stream.vocab_size:
             return
         at = int(np.argmax(row >= self.stream.vocab_size))
-        token = int(row[at])
         ends = np.cumsum([n for _, n in pieces])
         piece = int(np.searchsorted(ends, at, side="right"))  # the piece holding the row's first bad token
-        position = pieces[piece][0] + at - (int(ends[piece - 1]) if piece else 0)
-        k = self.stream.shard_of(position)
-        offset = position - int(self.stream.offsets[k])
-        raise UserError(
-            f"{self.stream.paths[k]} holds token id {token} at offset {offset}, but the vocabulary "
-            f"has only {self.stream.vocab_size} ids; the shards were made with a different tokenizer"
-        )
+        raise self.stream.vocab_error(pieces[piece][0] + at - (int(ends[piece - 1]) if piece else 0))
 
     def _identity(self) -> dict:
         """What fixes the meaning of a step: a resume must agree on all of it."""
@@ -274,37 +276,13 @@ class DocumentLoader:
     def state_dict(self) -> dict:
         """The position (the next global step, the packer's state) and the run's identity: plain ints and lists of
         them, the same on every rank."""
-        if self.micro_step != 0:
-            raise RuntimeError(
-                f"DocumentLoader.state_dict() called after {self.micro_step} of {self.grad_accum_steps} micro-batches "
-                f"of step {self.step}; save only between optimizer steps"
-            )
+        check_between_steps(self)
         return {"step": self.step, **self._identity(), "packer": self.packer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue with the global step after the saved one; refuse a state that belongs to a different run."""
-        if state.get("layout") != "documents":
-            raise UserError(
-                "cannot resume the data order: the checkpoint was trained on windows of the token stream, this run "
-                "on document-aligned rows; resume with the checkpoint's data layout"
-            )
-        flags = {"seed": "--seed", "shuffle": "shuffle", "seq_len": "--seq-len", "batch_tokens": "--batch-tokens",
-                 "buffer_docs": "buffer_docs", "eot_id": "eot_id"}  # fmt: skip
-        identity = self._identity()
-        mismatches = [
-            f"{flag} {state.get(key)} (now {identity[key]})"
-            for key, flag in flags.items()
-            if state.get(key) != identity[key]
-        ]
-        if mismatches:
-            raise UserError(
-                f"cannot resume the data order: the checkpoint was made with {', '.join(mismatches)}; "
-                f"resume with the checkpoint's settings"
-            )
-        if state.get("train_tokens") != self.train_tokens:
-            raise UserError(
-                f"cannot resume the data order: the checkpoint was trained on {state.get('train_tokens')} train "
-                f"tokens but the data directory now has {self.train_tokens}; point --data at the same data"
-            )
+        check_same_run(state, self._identity(), {"seed": "--seed", "shuffle": "shuffle", "seq_len": "--seq-len",
+                                                 "batch_tokens": "--batch-tokens", "buffer_docs": "--buffer-docs",
+                                                 "eot_id": "eot_id"})  # fmt: skip
         self.packer.load_state_dict(state["packer"])
         self.step, self.micro_step, self._rows = int(state["step"]), 0, []

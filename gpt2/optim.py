@@ -16,16 +16,18 @@ tensors only, as in GPT-3 and build-nanogpt. Each group carries ``base_lr``; the
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from gpt2.errors import UserError
 from gpt2.model import GPT
+from gpt2.muon import Muon
 
 if TYPE_CHECKING:
     from gpt2.config import TrainConfig
@@ -112,15 +114,22 @@ class Optimizers:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the optimizers' state; the base learning rates and weight decays stay this run's own
-        (the command line may change them on resume, as it may change ``--lr``)."""
+        """Restore the optimizers' state; the settings of their groups stay this run's own (``own_settings``)."""
         if state.keys() != self.optimizers.keys():
             raise UserError(f"checkpoint holds optimizers {sorted(state)}, this run uses {sorted(self.optimizers)}")
-        for name, opt in self.optimizers.items():
-            own = [{k: v for k, v in g.items() if k in ("base_lr", "weight_decay")} for g in opt.param_groups]
-            opt.load_state_dict(_regrouped(state[name], opt))
-            for group, settings in zip(opt.param_groups, own):
-                group.update(settings)
+        with self.own_settings():
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(_regrouped(state[name], opt))
+
+    @contextlib.contextmanager
+    def own_settings(self) -> Iterator[None]:
+        """Whatever state is loaded inside, each group keeps this run's settings (base learning rate, weight decay,
+        betas, Muon's options, ...): a resumed run takes its optimizer's state from the checkpoint and its
+        hyperparameters from its own configuration, as it takes ``--lr``."""
+        own = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        yield
+        for group, settings in zip(self.param_groups, own):
+            group.update(settings)
 
 
 def _regrouped(saved: dict[str, Any], opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -143,107 +152,6 @@ def _regrouped(saved: dict[str, Any], opt: torch.optim.Optimizer) -> dict[str, A
     return {"state": saved["state"], "param_groups": groups}
 
 
-# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932): a different (a, b, c) at each of five
-# iterations, computed for safety factor 2e-2 and cushion 2; the coefficients modded-nanogpt and nanochat use.
-POLAR_EXPRESS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
-
-
-def polar_express(
-    G: torch.Tensor, coefficients: tuple[tuple[float, float, float], ...] = POLAR_EXPRESS
-) -> torch.Tensor:
-    """The orthogonal polar factor of ``G`` by Polar Express, in bf16: scaled just below unit Frobenius norm, then
-    X <- aX + (bA + cA^2)X with A = XX^T for each step's (a, b, c), on the wide orientation."""
-    X = G.bfloat16()
-    tall = X.size(0) > X.size(1)
-    X = X.T if tall else X
-    X = X / (X.norm() * 1.01 + 1e-6)
-    for a, b, c in coefficients:
-        A = X @ X.T
-        B = torch.addmm(A, A, A, beta=b, alpha=c)  # bA + cA^2
-        X = torch.addmm(X, B, X, beta=a)  # aX + BX
-    return X.T if tall else X
-
-
-def normuon_scale(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
-    """NorMuon (arXiv:2510.05491, as modded-nanogpt and nanochat apply it): each neuron's (row's, or for a wide
-    matrix column's) share of an orthogonalised update is divided by the root of an EMA of its mean square, then
-    the whole update is rescaled to its former Frobenius norm, so only the balance between neurons changes.
-    ``second_moment`` (rows x 1, or 1 x columns) is updated in place."""
-    dim = -1 if update.size(-2) >= update.size(-1) else -2
-    mean_square = update.float().square().mean(dim=dim, keepdim=True)
-    second_moment.lerp_(mean_square, 1 - beta2)
-    scaled = update.float() * second_moment.clamp_min(1e-10).rsqrt()
-    return scaled * (update.float().norm() / scaled.norm().clamp_min(1e-10))
-
-
-class NorMuon(torch.optim.Muon):
-    """``torch.optim.Muon`` with two refinements of the speedrun, each optional: Polar Express coefficients for the
-    orthogonalisation (``polar_express``) and NorMuon's neuron-wise normalisation (``beta2`` > 0).
-
-    Written here because no maintained package provides them in a form that takes these parameter groups:
-    torch.optim.Muon takes one fixed (a, b, c) and has no normalisation; heavyball 3.2.1 has no NorMuon and offers
-    Polar Express only as a module-wide switch, for square matrices only, inside its own optimizer framework. With
-    both off, a step is torch.optim.Muon's exactly (same momentum, Newton-Schulz, learning-rate adjustment and
-    weight decay, and the same ``momentum_buffer`` state).
-    """
-
-    def __init__(self, params: Any, *, polar_express: bool = False, beta2: float = 0.0, **muon: Any) -> None:
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"NorMuon's beta2 must be in [0, 1), got {beta2}")
-        super().__init__(params, **muon)
-        for group in self.param_groups:
-            group.setdefault("polar_express", polar_express)
-            group.setdefault("beta2", beta2)
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                if group["polar_express"]:
-                    update = polar_express(update)
-                else:
-                    update = _zeropower_via_newtonschulz(
-                        update, group["ns_coefficients"], group["ns_steps"], group["eps"]
-                    )
-                if group["beta2"]:
-                    if "second_moment" not in state:
-                        rows, cols = p.shape
-                        shape = (rows, 1) if rows >= cols else (1, cols)
-                        state["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-                    update = normuon_scale(update, state["second_moment"], group["beta2"])
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
-        return loss
-
-
-def muon(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """torch.optim.Muon (momentum 0.95, Nesterov, ``--muon-ns-steps``) over ``groups``; ``NorMuon`` where a
-    refinement is asked for (``--muon-polar-express``, ``--normuon-beta2``)."""
-    kwargs = dict(momentum=0.95, nesterov=True, ns_steps=cfg.muon_ns_steps)
-    if cfg.muon_polar_express or cfg.normuon_beta2:
-        return NorMuon(groups, polar_express=cfg.muon_polar_express, beta2=cfg.normuon_beta2, **kwargs)
-    return torch.optim.Muon(groups, **kwargs)
-
-
 def build_optimizers(model: GPT, cfg: TrainConfig, device_type: str) -> Optimizers:
     """The optimizers of the run ``cfg`` describes, every group with its recipe's base learning rate.
 
@@ -252,7 +160,7 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device_type: str) -> Optimize
     Newton-Schulz steps) orthogonalises the update of each hidden matrix (q, k and v one by one where the model
     splits them); AdamW takes the embeddings, the head and the gains, which are not matrices acting on the
     residual stream, refined where the run asks for it (Polar Express, NorMuon). Both see the all-reduced gradient:
-    DDP averages it during backward, before any step.
+    DDP averages it during backward, before any step (FSDP reduce-scatters it: each rank sees its shard).
     """
     rate = lambda lr: cfg.lr if lr is None else lr  # noqa: E731 - a group without its own rate takes --lr
     adam_specs = {
@@ -270,5 +178,6 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device_type: str) -> Optimize
         matrices = params_by_role(model)["matrices"]
         group = {"name": "matrices", "params": matrices, "base_lr": cfg.lr, "lr": cfg.lr,
                  "weight_decay": cfg.weight_decay}  # fmt: skip
-        optimizers["muon"] = muon([group], cfg)
+        optimizers["muon"] = Muon([group], momentum=0.95, nesterov=True, ns_steps=cfg.muon_ns_steps,
+                                  polar_express=cfg.muon_polar_express, beta2=cfg.normuon_beta2)  # fmt: skip
     return Optimizers(optimizers)

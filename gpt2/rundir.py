@@ -27,7 +27,8 @@ from typing import Any
 from gpt2.errors import UserError
 from gpt2.files import atomic_write_text, jsonl_text, read_jsonl
 
-CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.pt$")
+CKPT_PATTERN = re.compile(r"^ckpt_(\d{6,})\.(?:pt|dcp)$")
+SHARDED_SUFFIX = ".dcp"  # a sharded checkpoint's directory (--parallel fsdp; gpt2.sharded_checkpoint)
 LOG_FILE = "log.jsonl"
 SCORES_FILE = "evals.jsonl"
 LEGACY_SCORES_FILE = "hellaswag.jsonl"
@@ -45,8 +46,19 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f"ckpt_{step:06d}.pt"
 
 
+def sharded_checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """Where the sharded checkpoint (a directory) after ``step`` optimizer steps lives."""
+    return Path(run_dir) / f"ckpt_{step:06d}{SHARDED_SUFFIX}"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A directory written by ``torch.distributed.checkpoint`` (it has the index, ``.metadata``)."""
+    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+
+
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint file in ``run_dir``, oldest first (temp files excluded)."""
+    """``(step, path)`` of every checkpoint in ``run_dir`` (files, and sharded checkpoints' directories), oldest
+    first (temp files excluded)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []

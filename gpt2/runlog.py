@@ -9,6 +9,10 @@ Record kinds (one JSON object per line, written by rank 0 only):
 - ``{"step", "kind": "val", "loss"}``, ``{"step", "kind": "hellaswag", "acc", "acc_norm", "n"}`` and
   ``{"step", "kind": "sample", "text"}``, measured on the weights after ``step`` optimizer steps (a
   ``hellaswag`` record holds what the scores file holds for task ``hellaswag_nanogpt``, see ``gpt2.rundir``).
+- ``{"step", "kind": "memory", ...}`` once per start (or resume) of the run, after its first step (``step`` is
+  then the number of steps taken): the memory plan of one process (``gpt2.memory.MemoryPlan.record``: settings,
+  ``<part>_gib`` sizes and ``total_gib``) and ``measured_peak_gib``, the peak of the process so far, with how it
+  was ``measured`` (CUDA's allocator peak, or the peak RSS on CPU).
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ class ConsoleReporter:
             line = f"step {step:>6} | val loss {rec['loss']:.4f}"
         elif kind == "hellaswag":
             line = f"step {step:>6} | hellaswag acc_norm {rec['acc_norm']:.4f} (acc {rec['acc']:.4f}, n={rec['n']})"
+        elif kind == "memory":
+            line = (
+                f"step {step:>6} | memory per process: planned {rec['total_gib']:.2f} GiB, measured peak "
+                f"{rec['measured_peak_gib']:.2f} GiB ({rec['measured']})"
+            )
         else:
             line = "\n".join(f"step {step:>6} | sample: {text!r}" for text in rec["text"])
         self._print(line)

@@ -1,7 +1,8 @@
 """The training loop: GPT-2 pretraining with DDP, gradient accumulation, in-loop evaluation and exact resume.
 
 One code path for every setup: ``python train.py`` is one process without a process group, and
-``torchrun --nproc_per_node=N train.py`` runs the same loop with DDP (NCCL on CUDA, gloo on CPU).
+``torchrun --nproc_per_node=N train.py`` runs the same loop with DDP or FSDP (NCCL on CUDA, gloo on CPU); how the
+model is spread over the processes is ``gpt2.parallel``'s business, what a step holds in memory ``gpt2.memory``'s.
 
 Step numbering: optimizer step ``s`` (0-based) turns the weights after ``s`` steps into those after ``s + 1``.
 Evaluations reported at step ``s`` and the checkpoint ``ckpt_<s>.pt`` both describe the weights after ``s``
@@ -13,20 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt2 import memory, sharded_checkpoint
 from gpt2.checkpoint import (
     ModelState,
+    clean_state_dict,
     config_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -41,6 +45,7 @@ from gpt2.distributed import (
     barrier,
     destroy_distributed,
     enable_tf32,
+    finish_distributed,
     init_distributed,
     peak_memory_gib,
 )
@@ -51,10 +56,19 @@ from gpt2.hostmem import HostMemory, keep_freed_memory
 from gpt2.metrics import device_peak, mfu
 from gpt2.model import GPT
 from gpt2.optim import Optimizers, build_optimizers
-from gpt2.rundir import LOG_FILE, JsonlLog, checkpoint_path, find_checkpoints
+from gpt2.parallel import clip_grad_norm_, gathered_copy, gradient_sync, is_sharded, parallelize, weights_finite
+from gpt2.rundir import (
+    LOG_FILE,
+    JsonlLog,
+    checkpoint_path,
+    find_checkpoints,
+    is_sharded_checkpoint,
+    sharded_checkpoint_path,
+)
 from gpt2.runlog import Reporter
 from gpt2.sample import sample_text
 from gpt2.schedule import lr_multiplier
+from gpt2.sharded_checkpoint import SHARDED
 from gpt2.tokenizer import get_encoding
 from gpt2.tracking import Trackers, check_available, open_trackers
 
@@ -133,9 +147,8 @@ def forward_backward(
     with autocast(device_type, dtype):
         for micro_step in range(grad_accum_steps):
             x, y = next_batch()
-            # DDP all-reduces gradients during backward; do it once, on the last micro-step, not every time.
-            last = micro_step == grad_accum_steps - 1
-            with contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync():
+            # DDP all-reduces (FSDP reduce-scatters) gradients during backward; once, on the last micro-step.
+            with gradient_sync(model, enabled=micro_step == grad_accum_steps - 1):
                 _, loss = model(x, y)
                 # Every micro-batch holds the same number of tokens, so the mean of the means is the global mean;
                 # DDP then averages the ranks' gradients, which are means over equal shares too.
@@ -161,7 +174,7 @@ def train_step(
     loss = forward_backward(model, next_batch, grad_accum_steps, ctx.device_type, dtype)
     loss = all_reduce_sum(loss, ctx) / ctx.world_size
     # max_norm=inf still returns the norm (for the log) without scaling anything.
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    grad_norm = clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     loss_value, norm_value = torch.stack([loss, grad_norm.to(loss.device)]).tolist()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         optimizer.zero_grad()
@@ -200,11 +213,11 @@ def find_resume_checkpoint(cfg: TrainConfig, say: Callable[[str], None]) -> tupl
         return None
     if cfg.resume != "auto":
         path = Path(cfg.resume)
-        return path, _resumable(load_checkpoint(path), path)
+        return path, _resumable(_read_run_state(path), path)
     unreadable = []
     for _, path in reversed(find_checkpoints(out)):
         try:
-            return path, _resumable(load_checkpoint(path), path)
+            return path, _resumable(_read_run_state(path), path)
         except UserError as e:
             unreadable.append(path.name)
             say(f"warning: {e}; falling back to the previous checkpoint")
@@ -215,8 +228,17 @@ def find_resume_checkpoint(cfg: TrainConfig, say: Callable[[str], None]) -> tupl
     return None
 
 
+def _read_run_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's entries; of a sharded one all but the model and optimizer state, which are read into the
+    run's (sharded) model and optimizers later, each rank its part (``Trainer._restore_weights``)."""
+    if is_sharded_checkpoint(path):
+        return sharded_checkpoint.read_consolidated(path, skip=SHARDED)
+    return load_checkpoint(path)
+
+
 def _resumable(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
-    missing = [key for key in (*RUN_STATE, "train_config") if key not in ckpt]
+    expected = [key for key in RUN_STATE if not (is_sharded_checkpoint(path) and key in SHARDED)]
+    missing = [key for key in (*expected, "train_config") if key not in ckpt]
     if missing:
         raise UserError(f"checkpoint {path} holds no training state ({', '.join(missing)}), so it cannot be resumed")
     return ckpt
@@ -250,6 +272,7 @@ def build_model(cfg: TrainConfig, ckpt: dict[str, Any] | None, source: Path | No
 # Run state: every component a checkpoint saves and a resume restores, each with state_dict/load_state_dict
 
 RUN_STATE = ("model", "optimizer", "loader", "rng", "progress")
+WHOLE_STATE = tuple(name for name in RUN_STATE if name not in SHARDED)  # the same on every rank, small
 
 
 @dataclass
@@ -336,8 +359,14 @@ class Trainer:
             raise UserError(f"{flag('seq_len')} {cfg.seq_len} exceeds the model's block size {model_cfg.block_size}")
         if cfg.sample_every:
             check_sampling(cfg, model_cfg)
-        self._build_data(model_cfg)
+        self._wrap_model()
+        self.sharded = is_sharded(self.model)
         self.optimizer = build_optimizers(self.model, cfg, ctx.device_type)
+        if ckpt is not None:
+            self._restore_weights(ckpt, ckpt_path)
+        self.micro_batch = cfg.micro_batch or self._auto_micro_batch()
+        self.memory_plan = self._plan(self.micro_batch)
+        self._build_data(model_cfg)
         self.progress = Progress()
         self.run_state = {
             "model": ModelState(self.model, ckpt_path or "checkpoint"),
@@ -348,10 +377,9 @@ class Trainer:
         }
         assert tuple(self.run_state) == RUN_STATE
         if ckpt is not None:
-            for name, component in self.run_state.items():
-                component.load_state_dict(ckpt[name])
+            for name in WHOLE_STATE:
+                self.run_state[name].load_state_dict(ckpt[name])
         self.start_step, self.last_checkpoint = self.progress.step, ckpt_path
-        self._wrap_model()
         self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
         self.peak_flops = device_peak(ctx.device, cfg.peak_flops()) if ctx.is_main else None
         self._open_log()
@@ -362,7 +390,7 @@ class Trainer:
         that val losses compare across layouts), and the HellaSwag examples when asked for."""
         cfg, ctx = self.cfg, self.ctx
         placement = dict(rank=ctx.rank, world_size=ctx.world_size, vocab_size=model_cfg.vocab_size, device=ctx.device)
-        batches = (cfg.data, cfg.seq_len, cfg.batch_tokens, cfg.micro_batch)
+        batches = (cfg.data, cfg.seq_len, cfg.batch_tokens, self.micro_batch)
         if cfg.data_layout == "documents":
             self.loader = DocumentLoader(*batches, seed=cfg.seed, buffer_docs=cfg.buffer_docs, eot_id=model_cfg.eot_id,
                                          **placement)  # fmt: skip
@@ -370,7 +398,7 @@ class Trainer:
             self.loader = TrainLoader(*batches, seed=cfg.seed, **placement)
         self.val_loader = None
         if cfg.eval_every and cfg.val_tokens:
-            self.val_loader = ValLoader(cfg.data, cfg.seq_len, cfg.val_tokens, cfg.micro_batch, **placement)
+            self.val_loader = ValLoader(cfg.data, cfg.seq_len, cfg.val_tokens, self.micro_batch, **placement)
         self.hellaswag_examples = None
         if cfg.hellaswag_every:
             from gpt2.hellaswag import load_eval_examples
@@ -379,15 +407,69 @@ class Trainer:
             self.hellaswag_examples = load_eval_examples(cfg.hellaswag_data, cfg.hellaswag_limit, ctx)
 
     def _wrap_model(self) -> None:
-        """``compiled``: the model through torch.compile (or itself); ``train_model``: that, under DDP if distributed.
-        Compile first, then DDP: dynamo then splits the graph at DDP's buckets so communication overlaps backward."""
+        """``train_model``: what a train step calls (the model under DDP or FSDP, compiled, with checkpointed
+        blocks, as the flags say); ``compiled``: what evaluations call when the model is whole (``gpt2.parallel``)."""
         enable_tf32(self.ctx.device_type)
-        self.compiled = torch.compile(self.model) if self.cfg.use_compile(self.ctx.device_type) else self.model
-        self.train_model = self.compiled
-        if self.ctx.is_distributed:
-            device_ids = [self.ctx.local_rank] if self.ctx.device_type == "cuda" else None
-            # Gradients as views into DDP's all-reduce buckets: one copy of them in memory, not two.
-            self.train_model = DDP(self.compiled, device_ids=device_ids, gradient_as_bucket_view=True)
+        self.train_model, self.compiled = parallelize(self.model, self.cfg, self.ctx)
+
+    def _restore_weights(self, ckpt: dict[str, Any], path: Path) -> None:
+        """The checkpoint's model and optimizer state, into this run's model and optimizers whatever the layouts:
+        a sharded checkpoint is read by every rank (its part, or the whole for a whole model); a file's whole
+        tensors are loaded into whole models or cut into this rank's shards."""
+        if is_sharded_checkpoint(path):
+            sharded_checkpoint.load_into(path, self.model, self.optimizer)
+        elif self.sharded:
+            names = {id(p): name for name, p in clean_state_dict(dict(self.model.named_parameters())).items()}
+            sharded_checkpoint.load_whole_into(ckpt, self.model, self.optimizer, names)
+        else:
+            ModelState(self.model, path).load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+
+    def _plan(self, micro_batch: int) -> memory.MemoryPlan:
+        cfg = self.cfg
+        return memory.plan(
+            self.model.config, micro_batch=micro_batch, seq_len=cfg.seq_len, dtype=cfg.dtype,
+            optimizer=cfg.optimizer, parallel=cfg.parallel, world_size=self.ctx.world_size,
+            activation_checkpointing=cfg.activation_checkpointing,
+        )  # fmt: skip
+
+    def _auto_micro_batch(self) -> int:
+        """``--micro-batch auto``: the largest micro-batch that divides this rank's sequences per step and fits, the
+        same on every rank. On CUDA each candidate is tried (forward and backward, the optimizer state that is
+        not allocated yet set aside); elsewhere the memory plan is held against the memory available."""
+        cfg, ctx = self.cfg, self.ctx
+        per_pass = cfg.seq_len * ctx.world_size
+        if cfg.batch_tokens % per_pass:
+            raise UserError(
+                f"--batch-tokens {cfg.batch_tokens:,} must be a multiple of --seq-len {cfg.seq_len} x "
+                f"{ctx.world_size} rank(s) = {per_pass:,} tokens"
+            )
+        state_held = any(opt.state for opt in self.optimizer.optimizers.values())  # resumed: loaded already
+        if ctx.device_type == "cuda":
+
+            def fits(micro_batch: int) -> bool:
+                reserve = 0 if state_held else self._plan(micro_batch).optimizer_state
+                return memory.cuda_fits(
+                    self.model, micro_batch, cfg.seq_len, ctx.device, cfg.dtype, reserve, self.sharded
+                )
+        else:
+            per_process = memory.available_bytes() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+            def fits(micro_batch: int) -> bool:
+                plan = self._plan(micro_batch)
+                held = plan.weights + (plan.optimizer_state if state_held else 0)
+                return plan.total - held <= memory.CPU_HEADROOM * per_process
+
+        def agree(ok: bool) -> bool:
+            flag = torch.tensor([int(ok)], device=ctx.device)
+            if ctx.is_distributed:
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            return bool(flag.item())
+
+        micro_batch = memory.auto_micro_batch(memory.divisors(cfg.batch_tokens // per_pass), fits, agree)
+        how = "tried on the GPU" if ctx.device_type == "cuda" else "from the memory plan and the memory available"
+        self.say(f"--micro-batch auto: {micro_batch} ({how})")
+        return micro_batch
 
     def _open_log(self) -> None:
         """Rank 0's log.jsonl, cut back to the history of the state being resumed, and its tracker mirrors."""
@@ -430,9 +512,11 @@ class Trainer:
         self.say(
             f"{where} | {self.model.num_params() / 1e6:.2f}M parameters | {ctx.world_size} process(es) on "
             f"{ctx.device_type} | {cfg.batch_tokens:,} tokens/step = {ctx.world_size} x "
-            f"{self.loader.grad_accum_steps} x {cfg.micro_batch} x {cfg.seq_len} | {cfg.dtype} | "
-            f"compile {'on' if self.compiled is not self.model else 'off'} | bf16 peak {peak}"
+            f"{self.loader.grad_accum_steps} x {self.micro_batch} x {cfg.seq_len} | {cfg.dtype} | "
+            f"compile {'on' if cfg.use_compile(ctx.device_type) else 'off'} | {cfg.parallel}"
+            f"{' + activation checkpointing' if cfg.activation_checkpointing else ''} | bf16 peak {peak}"
         )
+        self.say(self.memory_plan.describe())
 
     def run(self) -> TrainResult:
         cfg, step = self.cfg, self.start_step
@@ -495,10 +579,22 @@ class Trainer:
                 "dt_ms": 1000 * dt,
                 "tok_per_s": tok_per_s,
                 "mfu": mfu(self.flops_per_token, tok_per_s / self.ctx.world_size, self.peak_flops),
-                **({"peak_mem_gib": memory} if (memory := peak_memory_gib(self.ctx.device)) is not None else {}),
+                **({"peak_mem_gib": mem} if (mem := peak_memory_gib(self.ctx.device)) is not None else {}),
                 **({"cropped": self.loader.cropped_fraction} if cfg.data_layout == "documents" else {}),
             }
         )
+        if step == self.start_step:
+            self._report_memory(step + 1)
+
+    def _report_memory(self, step: int) -> None:
+        """The memory plan and the peak measured over this process's first step, as the record of ``step`` (the
+        state after that many steps, as evaluations are numbered: a resume from an earlier checkpoint drops it
+        with the steps it follows, a resume from this step keeps it, so each attempt logs its own once)."""
+        peak, how = memory.measured_peak_bytes(self.ctx.device)
+        self.report(
+            {"step": step, "kind": "memory", **self.memory_plan.record(), "measured_peak_gib": peak / memory.GIB,
+             "measured": how}
+        )  # fmt: skip
 
     def _last_good(self) -> str:
         if self.last_checkpoint is None:
@@ -528,26 +624,37 @@ class Trainer:
         def due(every: int) -> bool:
             return every > 0 and (step % every == 0 or last)
 
-        if self.val_loader is not None and due(cfg.eval_every):
-            val_loss = evaluate_loss(self.compiled, self.val_loader, ctx, cfg.dtype)
+        val, hellaswag, sample = (
+            self.val_loader is not None and due(cfg.eval_every),
+            self.hellaswag_examples is not None and due(cfg.hellaswag_every),
+            step > 0 and due(cfg.sample_every),
+        )
+        if not (val or hellaswag or sample):
+            return
+        if self.sharded:  # its ranks would have to run the same forward passes: evaluate a whole copy instead
+            scoring = plain = gathered_copy(self.model, ctx.device)
+        else:
+            scoring, plain = self.compiled, self.model
+        if val:
+            val_loss = evaluate_loss(scoring, self.val_loader, ctx, cfg.dtype)
             if not math.isfinite(val_loss):
                 raise NonFiniteLoss(
                     f"non-finite validation loss {val_loss} at step {step}; stopping ({self._last_good()})"
                 )
             self.progress.val_loss = val_loss
             self.report({"step": step, "kind": "val", "loss": val_loss})
-        if self.hellaswag_examples is not None and due(cfg.hellaswag_every):
+        if hellaswag:
             from gpt2.hellaswag import evaluate
 
-            result = evaluate(self.compiled, self.hellaswag_examples, ctx, dtype=cfg.dtype)
+            result = evaluate(scoring, self.hellaswag_examples, ctx, dtype=cfg.dtype)
             self.report(
                 {"step": step, "kind": "hellaswag", "acc": result.acc, "acc_norm": result.acc_norm, "n": result.n}
             )
-        if ctx.is_main and step > 0 and due(cfg.sample_every):
+        if sample and ctx.is_main:
             # The plain module, not the compiled one: generation grows the sequence one token at a time.
-            self.model.eval()
+            plain.eval()
             texts = sample_text(
-                self.model,
+                plain,
                 cfg.sample_prompt,
                 num_samples=cfg.num_samples,
                 max_new_tokens=cfg.max_new_tokens,
@@ -555,34 +662,43 @@ class Trainer:
                 device=ctx.device,
                 dtype=cfg.dtype,
             )
-            self.model.train()
+            plain.train()
             self.report({"step": step, "kind": "sample", "text": texts})
 
     def _save(self, step: int) -> None:
         # A step's loss is measured before its update, so an update that blows the weights up would only show
         # in the next loss: check the weights themselves before they can replace a good checkpoint.
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        if not weights_finite(self.model, self.ctx):
             raise NonFiniteLoss(f"non-finite weights after step {step}; stopping ({self._last_good()})")
         # Every rank builds the payload: the RNG states are gathered with a collective.
-        state = {name: component.state_dict() for name, component in self.run_state.items()}
-        if self.ctx.is_main:
+        meta = {"config": self.model.config.to_dict(), "step": step, "train_config": self.cfg.to_dict()}
+        if self.sharded:  # every rank writes its shards
+            path = sharded_checkpoint_path(self.out, step)
+            entries = {name: self.run_state[name].state_dict() for name in WHOLE_STATE}
+            sharded_checkpoint.save(path, self.model, self.optimizer, {**entries, **meta}, self.ctx.is_main)
+        else:
             path = checkpoint_path(self.out, step)
-            meta = {"config": self.model.config.to_dict(), "step": step, "train_config": self.cfg.to_dict()}
-            save_checkpoint(path, {**state, **meta})
-            if self.cfg.keep_last:
-                for _, old in find_checkpoints(self.out)[: -self.cfg.keep_last]:
-                    old.unlink()
-        self.last_checkpoint = checkpoint_path(self.out, step)
+            state = {name: component.state_dict() for name, component in self.run_state.items()}
+            if self.ctx.is_main:
+                save_checkpoint(path, {**state, **meta})
+        if self.ctx.is_main and self.cfg.keep_last:
+            for _, old in find_checkpoints(self.out)[: -self.cfg.keep_last]:
+                sharded_checkpoint.remove(old)
+        self.last_checkpoint = path
         barrier(self.ctx)  # nobody moves on (or exits) before the checkpoint is complete
 
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None, stop: StopRequest | None = None) -> TrainResult:
     """Train according to ``cfg`` in this process (one rank of a torchrun job, or alone)."""
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, timedelta(seconds=cfg.collective_timeout))
     try:
         with keep_freed_memory(ctx.device_type) as host_memory:  # CPU: no page re-zeroing every micro-step
             trainer = Trainer(cfg, ctx, reporter, stop or StopRequest(), host_memory)
             with trainer.trackers:  # closed (with the exit status) however the run ends
-                return trainer.run()
-    finally:
+                result = trainer.run()
+    except BaseException:
         destroy_distributed()
+        raise
+    del trainer  # its modules (DDP's reducer, FSDP's mesh) hold the process group: let it go first
+    finish_distributed()
+    return result

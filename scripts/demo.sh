@@ -19,15 +19,12 @@ step "prepare: tokenize data/sample into $DATA"
 "$PY" prepare_fineweb.py --input data/sample/wiki.jsonl data/sample/c4.jsonl --out "$DATA" \
   --shard-tokens 131072 --val-shard-tokens 65536
 
-step "train: the 4-layer demo GPT (--model demo) for 200 steps with torchrun --nproc_per_node=$NPROC, into $RUN"
+step "train: the 4-layer demo GPT (--model demo: its size and a 200-step run) with torchrun --nproc_per_node=$NPROC, into $RUN"
 # --embed-lr 1e-3: at the matrices' 1e-2, AdamW drifts the embedding rows of the ids the sample never holds and the
-# loss spikes (README, "Quick start").
+# loss spikes (README, "Quick start"). More than 2 processes need a larger global batch than the preset's 2,048 tokens.
 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train.py \
-  --data "$DATA" --out "$RUN" \
-  --model demo --seq-len 64 \
-  --micro-batch 16 --batch-tokens $(( NPROC >= 2 ? 1024 * NPROC : 2048 )) \
-  --max-steps 200 --warmup-steps 10 --lr 1e-2 --min-lr 1e-3 --embed-lr 1e-3 \
-  --eval-every 50 --val-tokens 16384 --save-every 50 --sample-every 100 --device auto
+  --model demo --data "$DATA" --out "$RUN" --lr 1e-2 --min-lr 1e-3 --embed-lr 1e-3 \
+  --batch-tokens $(( 1024 * (NPROC > 2 ? NPROC : 2) )) --device auto
 
 step "evaluate: every checkpoint of $RUN on 200 HellaSwag examples (hellaswag_nanogpt), into $RUN/evals.jsonl"
 "$PY" eval_hellaswag.py "$RUN" --hellaswag-data data/sample/hellaswag_val_200.jsonl

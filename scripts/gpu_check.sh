@@ -5,6 +5,9 @@
 #   2. training: GPT-2 124M, compiled, bf16, through `torchrun --nproc_per_node=1` (the NCCL path), for
 #      $GPU_CHECK_STEPS steps at each micro-batch of $GPU_CHECK_MICRO_BATCHES, for the default recipe (and for
 #      `--recipe gpt2` and `--recipe modern` where train.py has that flag): tok/s, MFU, peak memory, compile time;
+#      then the first recipe at the first micro-batch with activation checkpointing, with FSDP (sharded over the
+#      one GPU: its code path and overheads, not its savings), with both, and with `--micro-batch auto` (the
+#      GPU trial of each size): peak memory against the memory plan of each run's log;
 #   3. eval_hellaswag.py on the trained checkpoint and data/sample's 200 examples: examples/s;
 #   4. prepare_fineweb.py on a generated JSONL of varied real text (~1 GB) with 1, 2, 4, 8 and all workers.
 #
@@ -68,20 +71,33 @@ timed data volume "$PY" bench/synthetic.py shards --like "$WORK/sample" --out "$
 # 2. Training
 help=$("$PY" train.py --help)
 if grep -q -- '--recipe' <<<"$help"; then recipes="gpt2 modern"; else recipes=default; fi
-for recipe in $recipes; do
+# train_run NAME RECIPE MICRO_BATCH [FLAGS...]: one training run, its log.jsonl kept in $OUT/train/NAME
+train_run() {
+  local run=$1 recipe=$2 micro_batch=$3 recipe_flags
+  shift 3
   recipe_flags=$([ "$recipe" = default ] || echo "--recipe $recipe")
+  # shellcheck disable=SC2086  # the flag lists split into words
+  timed train "$run" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py \
+    --data "$WORK/train_data" --out "$WORK/runs/$run" $model_flags $recipe_flags \
+    --micro-batch "$micro_batch" --batch-tokens "$BATCH_TOKENS" --max-steps "$STEPS" --warmup-steps $((STEPS / 3)) \
+    --device "$DEVICE" --dtype bf16 $compile --eval-every 0 --sample-every 0 --save-every 0 --resume never "$@"
+  mkdir -p "$OUT/train/$run"
+  cp "$WORK/runs/$run/log.jsonl" "$OUT/train/$run/"
+}
+for recipe in $recipes; do
   for micro_batch in $MICRO_BATCHES; do
-    run="${recipe}_mb$micro_batch"
-    # shellcheck disable=SC2086  # the flag lists split into words
-    timed train "$run" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py \
-      --data "$WORK/train_data" --out "$WORK/runs/$run" $model_flags $recipe_flags \
-      --micro-batch "$micro_batch" --batch-tokens "$BATCH_TOKENS" --max-steps "$STEPS" --warmup-steps $((STEPS / 3)) \
-      --device "$DEVICE" --dtype bf16 $compile --eval-every 0 --sample-every 0 --save-every 0 --resume never
-    mkdir -p "$OUT/train/$run"
-    cp "$WORK/runs/$run/log.jsonl" "$OUT/train/$run/"
-    first_run=${first_run:-$run}
+    train_run "${recipe}_mb$micro_batch" "$recipe" "$micro_batch"
+    first_run=${first_run:-${recipe}_mb$micro_batch}
   done
 done
+first_recipe=${recipes%% *} first_micro_batch=${MICRO_BATCHES%% *}
+if grep -q -- '--activation-checkpointing' <<<"$help"; then
+  memory_run="${first_recipe}_mb$first_micro_batch"
+  train_run "${memory_run}_ac" "$first_recipe" "$first_micro_batch" --activation-checkpointing
+  train_run "${memory_run}_fsdp" "$first_recipe" "$first_micro_batch" --parallel fsdp
+  train_run "${memory_run}_fsdp_ac" "$first_recipe" "$first_micro_batch" --parallel fsdp --activation-checkpointing
+  train_run "${first_recipe}_auto" "$first_recipe" auto
+fi
 
 # 3. HellaSwag on the first run's checkpoint
 timed hellaswag "$first_run" "$PY" eval_hellaswag.py "$WORK/runs/$first_run/ckpt_$(printf %06d "$STEPS").pt" \

@@ -49,9 +49,12 @@ def training_run(log: Path, steps: int, wall_s: float) -> dict[str, Any]:
     """Throughput, MFU, peak memory and compile time of one run, from its ``log.jsonl``.
 
     Step 0 includes compilation: the compile time is its duration less the median of the other steps.
-    Memory: the largest value of each train-record key containing "mem" (as logged), where there are numbers.
+    Memory: the largest value of each train-record key containing "mem" (as logged), where there are numbers;
+    and from the memory record (where the trainer writes one) the micro-batch, the planned total per process and
+    the measured peak.
     """
     records = [json.loads(line) for line in log.read_text().splitlines()]
+    plans = [r for r in records if r["kind"] == "memory"]
     train = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
     require([r["step"] for r in train] == list(range(steps)), f"{log}: expected train steps 0..{steps - 1}")
     require(all(math.isfinite(r["loss"]) for r in train), f"{log}: a non-finite loss")
@@ -69,6 +72,9 @@ def training_run(log: Path, steps: int, wall_s: float) -> dict[str, Any]:
         "first_loss": train[0]["loss"],
         "final_loss": train[-1]["loss"],
         "wall_s": wall_s,
+        "micro_batch": plans[0]["micro_batch"] if plans else None,
+        "planned_gib": plans[0]["total_gib"] if plans else None,
+        "measured_peak_gib": plans[0]["measured_peak_gib"] if plans else None,
     }
     require(positive(run["tok_per_s"]) and positive(run["median_step_s"]), f"{log}: no positive throughput")
     return run
@@ -143,14 +149,16 @@ def markdown(r: dict[str, Any]) -> str:
         f"{s['compile']}, {s['steps']} steps of {int(s['batch_tokens']):,} tokens; medians of steps 1 on; "
         f"compile = step 0 less the median step)",
         "",
-        "| run | tok/s | MFU | peak memory | compile s | step s | loss first → last | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | micro-batch | tok/s | MFU | peak memory | planned GiB | compile s | step s | loss first → last "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in r["train"]:
         memory = ", ".join(f"{k} {v:,.4g}" for k, v in t["peak_memory"].items()) if t["peak_memory"] else "n/a"
         mfu = "n/a" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
+        planned = "n/a" if t["planned_gib"] is None else f"{t['planned_gib']:.2f}"
         lines.append(
-            f"| {t['run']} | {t['tok_per_s']:,.0f} | {mfu} | {memory} | "
+            f"| {t['run']} | {t['micro_batch'] or 'n/a'} | {t['tok_per_s']:,.0f} | {mfu} | {memory} | {planned} | "
             f"{t['compile_s']:.1f} | {t['median_step_s']:.3f} | {t['first_loss']:.3f} → {t['final_loss']:.3f} | "
             f"{t['wall_s']:.0f} |"
         )

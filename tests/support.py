@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from gpt2.config import GPTConfig, TrainConfig, train_config
+from gpt2.config import MODERN_BLOCK, GPTConfig, TrainConfig, train_config
 from gpt2.hellaswag import Example
 from gpt2.model import GPT
+from gpt2.schedule import lr_multiplier
 from gpt2.tokenizer import get_encoding
 from gpt2.trainer import StopRequest
 
@@ -89,10 +90,12 @@ def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
 
 
 def cli_flags(data: Path, out: Path, **overrides) -> list[str]:
-    """The train.py command line of ``tiny(data, out, **overrides)``."""
+    """The train.py command line of ``tiny(data, out, **overrides)`` (a None leaves the flag at its default)."""
     args = []
     for name, value in {**TINY, **overrides, "data": data, "out": out}.items():
         flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + flag[2:])
         else:
@@ -173,3 +176,28 @@ def speedrun_model(seed: int = 0, **overrides) -> GPT:
             if "ve_gate" in name or "skip_weights" in name:
                 p.normal_(0.5, 0.5)
     return model.eval()
+
+
+def worker_pid(parent: int, rank: int) -> int:
+    """The pid of torchrun worker ``rank`` among the children of process ``parent`` (Linux /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile, or not ours to read
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker of rank {rank} under pid {parent}")
+
+
+def modern_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    # random weights everywhere, and the soft-cap on (the recipe leaves it off; its path is tested here)
+    model = GPT(tiny_config(**{**MODERN_BLOCK, "zero_init": False, "logit_softcap": 15.0, **overrides}))
+    return model.eval()
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """The GPT-2 recipe's learning rate at ``step``: ``lr`` times the cosine schedule's multiplier."""
+    return lr * lr_multiplier(step, warmup_steps=warmup_steps, max_steps=max_steps, min_lr_ratio=min_lr / lr)

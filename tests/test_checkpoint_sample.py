@@ -1,13 +1,20 @@
 """Checkpoint format, the one model loader behind every program, sampling, and their one-line errors."""
 
+import dataclasses
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
-from support import run_python, tiny_model
+from support import run_python, tiny_config, tiny_model
 
 from gpt2.checkpoint import clean_state_dict, load_model, model_payload, save_checkpoint
 from gpt2.errors import UserError
+from gpt2.model import GPT
 from gpt2.rundir import find_checkpoints
 from gpt2.sample import generate
+from gpt2.tokenizer import N_VOCAB
 
 
 @pytest.fixture
@@ -93,3 +100,72 @@ def test_bad_input_is_one_line(run_dir, make_target, args, message):
 def test_load_model_errors_in_library(tmp_path):
     with pytest.raises(UserError, match="holds no ckpt"):
         load_model(tmp_path)
+
+
+def adversarial_padded_model(seed: int = 0) -> GPT:
+    """A model saved the nanoGPT way (``vocab_size`` 50304) whose 47 padding rows would win every softmax."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(vocab_size=50304))
+    with torch.no_grad():
+        h = model.hidden(torch.randint(0, N_VOCAB, (4, 32))).flatten(0, 1)
+        model.lm_head.weight[N_VOCAB:] = 200 * h.mean(0) / h.mean(0).norm() ** 2
+    return model
+
+
+def save_build_nanogpt_checkpoint(path: Path, model: GPT, step: int) -> None:
+    """A checkpoint as build-nanogpt's train_gpt2.py writes it: its GPTConfig dataclass pickled by reference
+    to a module (``train_gpt2``) that does not exist where the checkpoint is read."""
+    module = types.ModuleType("train_gpt2")
+
+    @dataclasses.dataclass
+    class GPTConfig:  # noqa: F811 - build-nanogpt's own, deliberately the same name
+        block_size: int = 1024
+        vocab_size: int = 50257
+        n_layer: int = 12
+        n_head: int = 12
+        n_embd: int = 768
+
+    GPTConfig.__module__, GPTConfig.__qualname__ = "train_gpt2", "GPTConfig"
+    module.GPTConfig = GPTConfig
+    sys.modules["train_gpt2"] = module
+    try:
+        c = model.config
+        config = GPTConfig(c.block_size, 50304, c.n_layer, c.n_head, c.n_embd)
+        state = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}  # saved from a compiled model
+        torch.save({"model": state, "config": config, "step": step, "val_loss": 3.5}, path)
+    finally:
+        del sys.modules["train_gpt2"]
+
+
+@pytest.mark.slow
+def test_convert_reads_build_nanogpt_and_nanogpt_checkpoints_only_with_trust_pickle_when_pickled(tmp_path):
+    model = adversarial_padded_model(seed=4)
+    save_build_nanogpt_checkpoint(tmp_path / "bn.pt", model, step=7)
+
+    refused = run_python("-m", "gpt2.convert", tmp_path / "bn.pt", tmp_path / "ours.pt")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "--trust-pickle" in refused.stderr and not (tmp_path / "ours.pt").exists()
+
+    done = run_python("-m", "gpt2.convert", tmp_path / "bn.pt", tmp_path / "ours.pt", "--trust-pickle")
+    assert done.returncode == 0, done.stderr
+    assert "--trust-pickle" in done.stderr  # the warning
+    converted, info = load_model(tmp_path / "ours.pt")
+    assert info["step"] == 7 and converted.config.vocab_size == N_VOCAB
+    x = torch.randint(0, N_VOCAB, (2, 16))
+    torch.testing.assert_close(converted(x)[0], model.lm_head(model.hidden(x))[..., :N_VOCAB])
+
+    # nanoGPT proper: model_args, bias=False (zero biases), a plain (weights-only) file; no flag needed.
+    nano = GPT(tiny_config(vocab_size=50304))
+    state = {k: v for k, v in nano.state_dict().items() if not k.endswith(".bias")}
+    state["transformer.h.0.attn.bias"] = torch.ones(1, 1, 64, 64).tril()  # nanoGPT's causal-mask buffer
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=False, vocab_size=50304, dropout=0.0)
+    torch.save({"model": state, "model_args": args, "iter_num": 250, "best_val_loss": 4.0}, tmp_path / "nano.pt")
+    done = run_python("-m", "gpt2.convert", tmp_path / "nano.pt", tmp_path / "nano_ours.pt")
+    assert done.returncode == 0, done.stderr
+    converted, info = load_model(tmp_path / "nano_ours.pt")
+    assert info["step"] == 250
+    with torch.no_grad():
+        for name, p in nano.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+    torch.testing.assert_close(converted(x)[0], nano(x)[0][..., :N_VOCAB])

@@ -3,14 +3,17 @@ their own defaults; ``--help`` shows the chosen recipe's values; validation is o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
-from support import ROOT, TINY, read_log
+from support import ROOT, TINY, read_log, run_python
 
+from gpt2 import cli
 from gpt2.cli import build_parser, parse
 from gpt2.config import (
     ADAMW_LR,
@@ -23,6 +26,7 @@ from gpt2.config import (
     train_config,
 )
 from gpt2.errors import UserError
+from gpt2.evaluate import HellaSwagConfig
 from gpt2.trainer import train
 
 
@@ -130,3 +134,56 @@ def test_validating_a_config_imports_neither_the_model_nor_a_tracker():
 def test_every_preset_is_a_valid_architecture():
     for name in PRESETS:
         assert train_config(model=name).model_config().n_layer == PRESETS[name]["n_layer"]
+
+
+@pytest.mark.slow
+def test_the_readmes_demo_command_runs_on_the_demo_data(tmp_path):
+    """``python train.py --model demo --data data/demo --out runs/demo ...`` (README), shortened to 2 steps."""
+    data = tmp_path / "demo"
+    sample = ROOT / "data" / "sample"
+    prepared = run_python("prepare_fineweb.py", "--input", sample / "wiki.jsonl", sample / "c4.jsonl", "--out", data,
+                          "--shard-tokens", "131072", "--val-shard-tokens", "65536")  # fmt: skip
+    assert prepared.returncode == 0, prepared.stderr
+    proc = run_python("train.py", "--model", "demo", "--data", data, "--out", tmp_path / "run", "--lr", "1e-2",
+                      "--min-lr", "1e-3", "--embed-lr", "1e-3", "--max-steps", "2", "--warmup-steps", "1",
+                      "--device", "cpu", env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    records = read_log(tmp_path / "run")
+    assert [r["step"] for r in records if r["kind"] == "train"] == [0, 1] and "val" in {r["kind"] for r in records}
+
+
+PROGRAMS = {
+    "prepare_fineweb.py": "gpt2.prepare:PrepareConfig",
+    "train.py": "gpt2.config:TrainConfig",
+    "eval_hellaswag.py": "gpt2.evaluate:HellaSwagConfig",
+    "-m gpt2.sample": "gpt2.sample:SampleConfig",
+    "-m gpt2.plot": "gpt2.plot:PlotConfig",
+    "-m gpt2.export": "gpt2.export:ExportConfig",
+    "-m gpt2.convert": "gpt2.convert:ConvertConfig",
+    "-m gpt2.evaluate": "gpt2.evaluate:EvaluateConfig",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_every_programs_help_is_its_dataclass(program):
+    module, name = PROGRAMS[program].split(":")
+    config = getattr(__import__(module, fromlist=[name]), name)
+    expected = {
+        cli.flag(f.name) if not f.metadata["positional"] else f.name.upper()
+        for f in dataclasses.fields(config)
+        if f.metadata.get("cli")
+    }
+    result = run_python(*program.split(), "--help")
+    assert result.returncode == 0, result.stderr
+    shown = {word.strip(",") for word in result.stdout.split() if word.startswith("--") or word.isupper()}
+    assert expected <= shown
+    for f in dataclasses.fields(config):
+        if f.metadata.get("cli") and f.metadata["help"]:
+            assert f.metadata["help"].split()[0] in result.stdout
+
+
+def test_a_renamed_flag_still_works_with_a_note(capsys):
+    cfg = cli.parse(HellaSwagConfig, ["x", "--data", "f.jsonl"], prog="p")
+    assert cfg.hellaswag_data == Path("f.jsonl")
+    assert "note: --data is deprecated; use --hellaswag-data" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from support import tiny_model
 
-from gpt2 import distributed, metrics, trainer
+from gpt2 import distributed, metrics, parallel, trainer
 from gpt2.config import train_config
 from gpt2.data import TrainLoader
 from gpt2.distributed import DistContext, enable_tf32, init_distributed, peak_memory_gib
@@ -66,7 +66,7 @@ def test_ddp_gets_the_local_gpu_and_bucket_view_gradients(monkeypatch):
         seen.update(kwargs, module=module)
         return module
 
-    monkeypatch.setattr(trainer, "DDP", fake_ddp)
+    monkeypatch.setattr(parallel, "DDP", fake_ddp)
     monkeypatch.setattr(trainer, "enable_tf32", lambda device_type: seen.update(tf32=device_type))
     run = types.SimpleNamespace(
         cfg=train_config(compile=False), model=tiny_model(), ctx=DistContext(rank=1, local_rank=1, world_size=2,

@@ -150,12 +150,12 @@ def test_state_dict_refuses_mid_step_and_load_refuses_another_run_or_layout(data
     with pytest.raises(UserError, match=r"--seed 1337 \(now 1\)"):
         other_seed.load_state_dict(state)
     (other_buffer,) = loaders(data, 1, 2, buffer_docs=10)
-    with pytest.raises(UserError, match=r"buffer_docs 1000 \(now 10\)"):
+    with pytest.raises(UserError, match=r"--buffer-docs 1000 \(now 10\)"):
         other_buffer.load_state_dict(state)
     windows = TrainLoader(data, SEQ_LEN, 6 * SEQ_LEN, 2)
-    with pytest.raises(UserError, match="data layout"):
+    with pytest.raises(UserError, match="--data-layout"):
         windows.load_state_dict(state)
-    with pytest.raises(UserError, match="data layout"):
+    with pytest.raises(UserError, match="--data-layout"):
         loader.load_state_dict(windows.state_dict())
     make_documents(tmp_path / "more", n_docs=130)
     (more,) = loaders(tmp_path / "more", 1, 2)

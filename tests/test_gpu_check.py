@@ -41,7 +41,10 @@ def test_cpu_smoke_run_reports_every_section(tmp_path: Path):
     assert result["host"]["torch"] == torch.__version__ and result["host"]["cpu_cores"] >= 1
 
     runs = [t["run"] for t in result["train"]]
-    assert runs in (["default_mb4"], ["gpt2_mb4", "modern_mb4"])  # both recipes where train.py has --recipe
+    # Both recipes, then checkpointing, FSDP, both, and --micro-batch auto (the memory section)
+    assert runs == ["gpt2_mb4", "modern_mb4", "gpt2_mb4_ac", "gpt2_mb4_fsdp", "gpt2_mb4_fsdp_ac", "gpt2_auto"]
+    assert [t["micro_batch"] for t in result["train"]] == [4, 4, 4, 4, 4, 8]  # auto: the whole share, on a CPU
+    assert all(t["planned_gib"] > 0 and t["measured_peak_gib"] > 0 for t in result["train"])
     for t in result["train"]:
         assert t["tok_per_s"] > 0 and t["median_step_s"] > 0 and math.isfinite(t["compile_s"])
         assert t["first_loss"] == pytest.approx(math.log(50257), abs=0.5) and t["final_loss"] < t["first_loss"] + 0.5
@@ -77,6 +80,7 @@ def test_report_reads_compile_time_memory_and_refuses_a_non_finite_loss(tmp_path
     log.write_text("".join(json.dumps(r) + "\n" for r in [*records, {"step": 4, "kind": "val", "loss": 1.0}]))
     run = report.training_run(log, steps=4, wall_s=60.0)
     assert run["compile_s"] == pytest.approx(29.898) and run["median_step_s"] == pytest.approx(0.102)
+    assert run["planned_gib"] is None and run["micro_batch"] is None  # a log without a memory record
     assert run["tok_per_s"] == 3e5 and run["mfu"] == 0.4 and run["peak_memory"] == {"cuda_max_mem_gb": 43.0}
 
     log.write_text("".join(json.dumps({**r, "loss": float("nan")}) + "\n" for r in records))
