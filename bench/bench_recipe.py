@@ -612,16 +612,18 @@ def confirm(args: argparse.Namespace, execute: Executor, lr: float, label: str, 
 
 
 def timing(args: argparse.Namespace, data: Path) -> None:
-    """Seconds per token of gpt2, modern-v1 and the new modern, eager and compiled: the median step after two."""
+    """Seconds per token of gpt2, modern-v1 and the new modern, eager and compiled, and of modern-v1 with each piece
+    added, eager: the median step after two."""
     chosen = args.work / "new_modern.json"
     new_flags = json.loads(chosen.read_text())["flags"] if chosen.exists() else {"recipe": "modern"}
     print(f"new modern: {json.dumps(new_flags)}")
     recipes = {"gpt2": {"recipe": "gpt2", "warmup_steps": 1}, "modern-v1": {"recipe": "modern-v1"},
                "new modern": new_flags}  # fmt: skip
-    print(f"{'recipe':<11} {'mode':<9} {'us/token':>9} {'vs modern-v1':>13}")
+    print(f"{'recipe':<15} {'mode':<9} {'us/token':>9} {'vs modern-v1':>13}")
+    pieces = {f"+{name}": modern([name])[1] for name in args.pieces}
     for compile in (False, True):
         per_token: dict[str, float] = {}
-        for name, flags in recipes.items():
+        for name, flags in (recipes if compile else {**recipes, **pieces}).items():
             out = args.work / "timing" / f"{name.replace(' ', '_')}_{'compiled' if compile else 'eager'}"
             shutil.rmtree(out, ignore_errors=True)
             cfg = train_config(data=str(data), out=str(out), max_steps=args.timing_steps, resume="never",
@@ -631,7 +633,7 @@ def timing(args: argparse.Namespace, data: Path) -> None:
             per_token[name] = 1e3 * statistics.median(dts) / cfg.batch_tokens
             shutil.rmtree(out)
             ratio = per_token[name] / per_token.get("modern-v1", per_token[name])
-            print(f"{name:<11} {'compiled' if compile else 'eager':<9} {per_token[name]:>9.1f} {ratio:>12.2f}x",
+            print(f"{name:<15} {'compiled' if compile else 'eager':<9} {per_token[name]:>9.1f} {ratio:>12.2f}x",
                   flush=True)  # fmt: skip
 
 
