@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[hf,plot,dev,track,eval]"
+	$(PY) -m pip install -q -e ".[hf,plot,dev,track,eval,bench]"
 	touch $(STAMP)
 
 test: $(STAMP)

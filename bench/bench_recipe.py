@@ -1,29 +1,69 @@
-"""The two recipes side by side at CPU scale: how many tokens does ``--recipe modern`` need to reach the loss that
-``--recipe gpt2`` reaches with its whole budget?
+"""The recipes side by side at CPU scale, with statistics: which of the speedrun's second-generation pieces help
+modern-v1, and how many tokens does the resulting modern recipe need to reach modern-v1's final val loss (and the
+gpt2 recipe's)?
 
-Measured the speedrun way, on the same shards, model size, seed and data order:
+What it measures (issue 19). Every configuration is trained with several seeds (a seed changes the initialisation
+and the data order) and reported as n, mean ± sd of its final val loss; every comparison carries a Welch t-test
+p-value (``scipy.stats.ttest_ind(equal_var=False)``) and a seed-paired t-test p-value (``scipy.stats.ttest_rel``
+over the seeds both configurations ran), one-sided where the question is one-sided (the tables say which way).
 
-1. sweep: each recipe at several base learning rates (``--gpt2-lrs``; ``--modern-scales`` multiplies all of the
-   modern recipe's rates: Muon, embeddings, head) with the full token budget; each recipe keeps its best;
-2. budgets: the modern recipe at its best rates with 10-80% of the budget, each a complete run (its
-   warmup-stable-decay schedule finished within its own budget);
-3. the ratio: where the modern final val loss, interpolated linearly between budgets, crosses the classic one;
-4. ablation: the modern recipe with one piece switched back to GPT-2's, at 40% of the budget.
+The decision is the paired test's. The design is paired: seed k gives both configurations the same data order and
+the same draws for the weights they share, and at this scale the seed moves the final loss by ~0.1 (sd), ten times
+the effects in question, while the difference between two configurations under one seed varies by ~0.002. Welch's
+test treats that shared spread as noise and, with 3 to 5 seeds, cannot see a 0.01 effect; the paired test removes
+it. Welch's p stays in every table so the reader can apply the stricter rule.
 
-Every run is ``gpt2.trainer.train`` (the pipeline itself) with validation on the same fixed tokens every
-``--eval-every`` steps. Results go to ``<work>/results.json`` as each run finishes, so an interrupted bench
-resumes; ``--timing`` measures seconds per token of both recipes, eager and compiled, on short runs (do it on
-an otherwise idle machine). A PNG of val loss against tokens is written next to the results.
+In order of priority:
 
-  python bench/bench_recipe.py --input ../shared/data/corpus/openstax_textbooks_75pct.jsonl
+1. gpt2: the gpt2 recipe's sweep of ``--gpt2-lrs`` (one seed), then ``--seeds`` seeds at the best rate; full budget
+   (warmup 715/19073 of the run, cosine to lr/10, as in the full recipe).
+2. modern-v1 at the full budget and at ``--fraction`` of it (``--base-seeds`` seeds: both are compared many times).
+3. pieces: modern-v1 with one second-generation piece added, at ``--fraction``. A piece helps only if it lowers the
+   mean final val loss with one-sided paired p < ``--alpha``. A comparison whose p-value lands close to its threshold
+   (alpha/5 <= p < 4 alpha: pieces, ablations, and the new modern past its crossing) gets ``--close-seeds`` seeds
+   before it is decided.
+4. new modern: modern-v1 + every piece that helps. If that combination is worse (higher mean) than its best single
+   piece, pieces are dropped greedily (each step drops the piece whose removal gives the lowest mean) until it is
+   not. Then the new modern at each of ``--budgets`` (each a complete run: its schedule ends within its own budget),
+   and where its mean final val loss crosses modern-v1's full-budget mean and the gpt2 recipe's best mean (linear
+   between budgets), with the one-sided p-value of the budget just past the crossing against that target.
+5. ablation: modern-v1 with one of its pieces switched back, at ``--fraction`` (one-sided: does switching it back
+   raise the loss?).
+6. confirm: one seed each of gpt2, modern-v1 and the new modern at ``--confirm-width`` and ``--confirm-tokens``.
+
+How. Every run is ``gpt2.trainer.train`` (the pipeline itself), validating on the same fixed tokens (the first
+``--val-tokens`` of the val shard) every ``--eval-every`` steps, in its own worker process (``--jobs`` at a time,
+one thread each: ``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)``). Each run's result is its own JSON file in
+``<work>/results/``, written atomically when the run ends, so an interrupted bench resumes where it stopped and
+parallel workers never write the same file. A run whose loss diverges is recorded as diverged and counted apart.
+The report (markdown tables) goes to stdout and ``<work>/report.md``; the curves (val loss against tokens, mean
+over seeds with a ±sd band) to ``<work>/recipes.png`` and ``<work>/recipes_wide.png``.
+
+``--timing`` instead measures seconds per token of gpt2, modern-v1 and the new modern (the flags the bench chose,
+``<work>/new_modern.json``), eager and compiled: short runs in this process with all its threads, the median step
+after the first two. Run it on an otherwise idle machine.
+
+  python bench/bench_recipe.py --jobs 2
+  python bench/bench_recipe.py --timing
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,177 +73,659 @@ from gpt2.config import train_config
 from gpt2.files import atomic_write_text
 from gpt2.prepare import PrepareConfig, prepare
 from gpt2.rundir import JsonlLog
-from gpt2.trainer import train
+from gpt2.trainer import NonFiniteLoss, train
 
-ABLATIONS = {  # one piece of the modern recipe switched back to GPT-2's (or, for the soft-cap, on)
-    "adamw instead of muon": dict(optimizer="adamw", lr=1.8e-3, embed_lr=1.8e-3, head_lr=1.8e-3),
-    "learned positions": dict(rope_theta=0.0),
-    "no qk-norm": dict(qk_norm=False),
-    "gelu instead of relu2": dict(mlp="gelu"),
-    "tied head (at the head's rate)": dict(tie_embeddings=True, embed_lr=0.006),
-    "with a logit soft-cap of 15": dict(logit_softcap=15.0),  # the one piece the recipe leaves off
-    "cosine instead of wsd": dict(schedule="cosine"),
+FIRST_SEED = 1337  # seeds are FIRST_SEED, FIRST_SEED + 1, ...
+GPT2_WARMUP = 715 / 19073  # the gpt2 recipe's warmup as a fraction of its run
+
+# modern-v1 with one second-generation piece added: name -> (what it is, its flags)
+PIECES: dict[str, tuple[str, dict[str, Any]]] = {
+    "split_qkv": ("Muon on q, k, v as three matrices", dict(split_qkv=True)),
+    "doc_mask": ("document-masked attention (rows: windows of the stream)", dict(doc_mask=True)),
+    "documents": ("document-aligned rows, best-fit packed, with document masks", dict(data_layout="documents",
+                                                                                       doc_mask=True)),
+    "windows": ("short/long windows SL (short: 128 keys)", dict(window_pattern="SL", short_window=128)),
+    "value_embeds": ("one value-embedding table (first and last layer)", dict(value_embeds=1)),
+    "unet_skips": ("U-net skips", dict(unet_skips=True)),
+    "polar_express": ("Polar Express coefficients in Muon", dict(muon_polar_express=True)),
+    "normuon": ("NorMuon, beta2 0.95", dict(normuon_beta2=0.95)),
+}  # fmt: skip
+
+# modern-v1 with one of its pieces switched back to GPT-2's: name -> (what it is, its flags)
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("Muon → AdamW at its own rate 6e-4", dict(optimizer="adamw")),
+    "adamw_1.8e-3": ("Muon → AdamW at 1.8e-3", dict(optimizer="adamw", lr=1.8e-3)),
+    "cosine": ("WSD → cosine", dict(schedule="cosine")),
+    "tied": ("untied → tied head (embedding at the head's 0.006)", dict(tie_embeddings=True, embed_lr=0.006)),
+    "learned_pos": ("rotary → learned positions", dict(rope_theta=0.0)),
+    "no_qk_norm": ("no QK-norm", dict(qk_norm=False)),
+    "gelu": ("ReLU² → GELU", dict(mlp="gelu")),
 }
 
 
-def model_flags(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(n_layer=args.n_layer, n_head=args.n_embd // 64, n_embd=args.n_embd, block_size=args.seq_len,
-                seq_len=args.seq_len, micro_batch=args.micro_batch, batch_tokens=args.batch_tokens,
-                val_tokens=args.val_tokens, eval_every=args.eval_every, sample_every=0, save_every=0,
-                device="cpu", dtype="bf16", peak_tflops="none", seed=1337)  # fmt: skip
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs: one training each, identified by its label, its length and its seed
 
 
-def steps_for(args: argparse.Namespace, fraction: float) -> int:
-    return max(1, round(fraction * args.budget_tokens / args.batch_tokens))
+@dataclass(frozen=True)
+class Scale:
+    """The model and the token budget runs are measured at."""
+
+    n_layer: int
+    n_embd: int
+    seq_len: int
+    micro_batch: int
+    batch_tokens: int
+    budget_tokens: int  # the gpt2 recipe's training tokens: 100% of the budget
+    val_tokens: int
+    eval_every: int
+
+    def flags(self) -> dict[str, Any]:
+        return dict(n_layer=self.n_layer, n_head=self.n_embd // 64, n_embd=self.n_embd, block_size=self.seq_len,
+                    seq_len=self.seq_len, micro_batch=self.micro_batch, batch_tokens=self.batch_tokens,
+                    val_tokens=self.val_tokens, eval_every=self.eval_every, sample_every=0, save_every=0,
+                    device="cpu", dtype="bf16", peak_tflops="none")  # fmt: skip
+
+    def steps(self, fraction: float) -> int:
+        return max(1, round(fraction * self.budget_tokens / self.batch_tokens))
 
 
-def run(args: argparse.Namespace, data: Path, name: str, fraction: float, **flags: Any) -> dict[str, Any]:
-    """One training run (or its stored result): final val loss, the val curve and tokens/s."""
-    results = load_results(args.work)
-    if name in results:
-        return results[name]
-    out = args.work / "runs" / name.replace(" ", "_")
-    max_steps = steps_for(args, fraction)
-    if flags.get("recipe") == "gpt2":  # the GPT-2 schedule's shape at this length: 715/19073 of it warming up
-        flags = {"warmup_steps": max(1, round(max_steps * 715 / 19073)), **flags}
-    cfg = train_config(data=str(data), out=str(out), max_steps=max_steps, resume="never",
-                      **{**model_flags(args), **flags})  # fmt: skip
-    if out.exists():  # a run cut short by an interrupted bench starts again
-        for path in out.iterdir():
-            path.unlink()
+@dataclass(frozen=True)
+class Run:
+    """One training run: ``train_config(**flags, max_steps=steps, seed=seed)``. ``label`` names the configuration
+    (the same for every length and seed of it)."""
+
+    label: str
+    flags: dict[str, Any]
+    steps: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{re.sub(r'[^A-Za-z0-9.]+', '_', self.label).strip('_')}-{self.steps}st-s{self.seed}"
+
+
+def runs(label: str, scale: Scale, fraction: float, seeds: int, **flags: Any) -> list[Run]:
+    """``seeds`` runs of one configuration at ``fraction`` of the budget; the gpt2 recipe warms up for 715/19073
+    of its length."""
+    steps = scale.steps(fraction)
+    flags = {**scale.flags(), **flags}
+    if flags.get("recipe") == "gpt2":
+        flags.setdefault("warmup_steps", max(1, round(steps * GPT2_WARMUP)))
+    return [Run(label, flags, steps, FIRST_SEED + i) for i in range(seeds)]
+
+
+def modern(pieces: list[str] | tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """The label and flags of modern-v1 with ``pieces`` (names in ``PIECES``) added."""
+    flags: dict[str, Any] = {"recipe": "modern-v1"}
+    for name in pieces:
+        flags.update(PIECES[name][1])
+    return "+".join(["modern-v1", *sorted(pieces)]), flags
+
+
+def modern_runs(pieces: list[str], scale: Scale, fraction: float, seeds: int) -> list[Run]:
+    """``runs`` of modern-v1 with ``pieces`` added."""
+    label, flags = modern(pieces)
+    return runs(label, scale, fraction, seeds, **flags)
+
+
+def reseed(todo: list[Run], seeds: int) -> list[Run]:
+    """The same configuration with ``seeds`` seeds (the first ones are those of ``todo``)."""
+    return [Run(todo[0].label, todo[0].flags, todo[0].steps, FIRST_SEED + i) for i in range(seeds)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Executing runs: each in a worker process, its result in its own file
+
+
+class Executor:
+    """Trains runs in worker processes, ``jobs`` at a time, and reads their stored results back."""
+
+    def __init__(self, work: Path, data: Path, jobs: int) -> None:
+        self.work, self.data, self.jobs = work, data, jobs
+        self.live: set[subprocess.Popen] = set()
+        self.stopping = False
+        self.lock = threading.Lock()
+
+    def result_path(self, run: Run) -> Path:
+        return self.work / "results" / f"{run.key}.json"
+
+    def stored(self, run: Run) -> dict[str, Any] | None:
+        path = self.result_path(run)
+        if not path.exists():
+            return None
+        result = json.loads(path.read_text())
+        if result["flags"] != run.flags:
+            raise SystemExit(f"{path} was measured with other flags ({result['flags']}); move it away to rerun it")
+        return result
+
+    def __call__(self, todo: list[Run]) -> dict[str, dict[str, Any]]:
+        """The results of ``todo`` by key: stored ones read back, the others trained in the order given. A run that
+        fails is reported and the others go on; the bench stops after them."""
+        missing = list({run.key: run for run in todo if self.stored(run) is None}.values())
+        if not missing:
+            return {run.key: self.stored(run) for run in todo}
+        print(f"{len(missing)} runs to train ({len(todo) - len(missing)} stored), {self.jobs} at a time", flush=True)
+        t0, failed = time.perf_counter(), []
+        pool = ThreadPoolExecutor(self.jobs)
+        try:
+            futures = {pool.submit(self.train, run): run for run in missing}
+            for done, future in enumerate(as_completed(futures), 1):
+                run = futures[future]
+                try:
+                    result = future.result()
+                except RuntimeError as e:
+                    failed.append(run.key)
+                    print(f"  {e}", flush=True)
+                    continue
+                final = "diverged" if result["diverged"] else f"{result['final_val']:.4f}"
+                print(f"  [{done}/{len(missing)} {time.perf_counter() - t0:6.0f} s] {run.key:<58} val {final}  "
+                      f"{result['seconds']:5.0f} s", flush=True)  # fmt: skip
+        finally:
+            pool.shutdown(cancel_futures=True)  # when interrupted: no queued run starts
+        if failed:
+            raise SystemExit(f"{len(failed)} runs failed: {', '.join(failed)}")
+        return {run.key: self.stored(run) for run in todo}
+
+    def train(self, run: Run) -> dict[str, Any]:
+        """Train ``run`` in a worker process (one thread) and return its result."""
+        folder = self.work / "runs" / run.key
+        shutil.rmtree(folder, ignore_errors=True)  # what an interrupted attempt left
+        folder.mkdir(parents=True)
+        spec = folder / "spec.json"
+        spec.write_text(json.dumps({"run": vars(run), "data": str(self.data), "result": str(self.result_path(run))}))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        command = [sys.executable, os.path.abspath(__file__), "--worker", str(spec)]
+        with open(folder / "output.txt", "w") as output:
+            # its own session: a Ctrl-C of the bench reaches the workers through stop(), not twice
+            with self.lock:
+                if self.stopping:
+                    raise RuntimeError(f"run {run.key} not started: the bench is stopping")
+                process = subprocess.Popen(
+                    command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+                )
+                self.live.add(process)
+            code = process.wait()
+            with self.lock:
+                self.live.discard(process)
+        result = self.stored(run)
+        if code or result is None:
+            raise RuntimeError(f"run {run.key} failed (exit code {code}); see {folder / 'output.txt'}")
+        return result
+
+    def stop(self) -> None:
+        """Stop every worker: each finishes its step and exits without a result (its run restarts next time)."""
+        with self.lock:
+            self.stopping = True
+            for process in self.live:
+                process.send_signal(signal.SIGTERM)
+
+
+def worker(spec_path: Path) -> None:
+    """The worker process: train one run (one thread) and write its result atomically."""
+    torch.set_num_threads(1)
+    spec = json.loads(spec_path.read_text())
+    run = Run(**spec["run"])
+    out = spec_path.parent / "train"
+    cfg = train_config(data=spec["data"], out=str(out), max_steps=run.steps, seed=run.seed, resume="never",
+                       **run.flags)  # fmt: skip
     t0 = time.perf_counter()
-    train(cfg)
+    diverged = None
+    try:
+        if train(cfg).stopped_by:
+            sys.exit(1)  # stopped early: no result
+    except NonFiniteLoss as e:
+        diverged = str(e)
     records = JsonlLog(out / "log.jsonl").read()
-    val = [(r["step"] * args.batch_tokens, r["loss"]) for r in records if r["kind"] == "val"]
-    rates = [r["tok_per_s"] for r in records if r["kind"] == "train" and r["step"] > 0]
-    result = {"name": name, "fraction": fraction, "flags": flags, "steps": max_steps, "final_val": val[-1][1],
-              "curve": val, "tok_per_s": statistics.median(rates), "seconds": time.perf_counter() - t0}  # fmt: skip
-    results[name] = result
-    atomic_write_text(args.work / "results.json", json.dumps(results, indent=1) + "\n")
-    print(f"{name:<40} {fraction:4.0%} budget  final val {result['final_val']:.4f}  "
-          f"{result['tok_per_s']:7.0f} tok/s  {result['seconds']:5.0f} s", flush=True)  # fmt: skip
-    return result
+    trains = [r for r in records if r["kind"] == "train"]
+    curve = [(r["step"] * cfg.batch_tokens, r["loss"]) for r in records if r["kind"] == "val"]
+    result = {
+        **vars(run), "tokens": run.steps * cfg.batch_tokens, "diverged": diverged,
+        "final_val": None if diverged else curve[-1][1], "curve": curve, "seconds": time.perf_counter() - t0,
+        "us_per_token": 1e6 * statistics.median(r["dt_ms"] / 1000 / cfg.batch_tokens for r in trains[1:] or trains),
+        "cropped": trains[-1].get("cropped") if trains else None,
+    }  # fmt: skip
+    for checkpoint in out.glob("*.pt"):  # hundreds of MB each; the log stays
+        checkpoint.unlink()
+    atomic_write_text(spec["result"], json.dumps(result) + "\n")
 
 
-def load_results(work: Path) -> dict[str, Any]:
-    path = work / "results.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+# ----------------------------------------------------------------------------------------------------------------------
+# Statistics
 
 
-def crossing(points: list[tuple[float, float]], target: float) -> tuple[float | None, str]:
-    """The budget fraction where the loss (linear between measured budgets) first reaches ``target``."""
+@dataclass
+class Stats:
+    """The final val losses of one configuration's seeds (diverged runs counted apart)."""
+
+    label: str
+    tokens: int
+    values: list[float]
+    seeds: list[int]  # the seed of each value
+    diverged: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.values) if self.n > 1 else math.nan
+
+    def text(self) -> str:
+        return f"{self.mean:.4f} ± {self.sd:.4f}"
+
+
+def stats(results: dict[str, dict[str, Any]], todo: list[Run]) -> Stats:
+    """The statistics of one configuration's runs."""
+    rows = [results[run.key] for run in todo]
+    kept = [r for r in rows if not r["diverged"]]
+    return Stats(todo[0].label, rows[0]["tokens"], [r["final_val"] for r in kept], [r["seed"] for r in kept],
+                 len(rows) - len(kept))  # fmt: skip
+
+
+def welch(a: Stats, b: Stats, alternative: str = "two-sided") -> float:
+    """Welch's t-test p-value of mean(a) vs mean(b); ``alternative`` "less": H1 is mean(a) < mean(b)."""
+    from scipy.stats import ttest_ind
+
+    if a.n < 2 or b.n < 2:
+        return math.nan
+    return float(ttest_ind(a.values, b.values, equal_var=False, alternative=alternative).pvalue)
+
+
+def paired(a: Stats, b: Stats, alternative: str = "two-sided") -> float:
+    """The paired t-test p-value of a vs b over the seeds they share (a seed fixes the data order of the windows
+    layout, so pairing takes the data's share of the spread out): the bench's decision rule (module docstring)."""
+    from scipy.stats import ttest_rel
+
+    common = sorted(set(a.seeds) & set(b.seeds))
+    if len(common) < 3:
+        return math.nan
+    value = lambda s, seed: s.values[s.seeds.index(seed)]  # noqa: E731
+    return float(
+        ttest_rel([value(a, k) for k in common], [value(b, k) for k in common], alternative=alternative).pvalue
+    )
+
+
+def crossing(points: list[tuple[float, float]], target: float) -> tuple[float | None, int | None]:
+    """Where a loss falling with the budget (``(fraction, mean loss)``, linear between them) first reaches
+    ``target``: ``(fraction, index of the first point at or below it)``; ``(None, None)`` if it never does."""
     points = sorted(points)
     if points[0][1] <= target:
-        return points[0][0], f"<= {points[0][0]:.2f} (already reached at the smallest budget measured)"
-    for (f0, l0), (f1, l1) in zip(points, points[1:]):
+        return points[0][0], 0
+    for i, ((f0, l0), (f1, l1)) in enumerate(zip(points, points[1:]), 1):
         if l1 <= target:
-            f = f0 + (f1 - f0) * (l0 - target) / (l0 - l1)
-            return f, f"{f:.3f}"
-    return None, f"> {points[-1][0]:.2f} (never reached)"
+            return f0 + (f1 - f0) * (l0 - target) / (l0 - l1), i
+    return None, None
 
 
-def prepare_data(args: argparse.Namespace) -> Path:
-    data = args.work / "shards"
-    prepare(PrepareConfig(out=data, input=[str(args.input)], shard_tokens=1 << 22, val_shard_tokens=1 << 18))
-    return data
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
 
 
-def plot(args: argparse.Namespace, curves: dict[str, list[tuple[int, float]]], target: float) -> Path:
+def p_text(p: float) -> str:
+    return "—" if math.isnan(p) else f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def comparison_table(base: Stats, rows: list[tuple[str, Stats]], alternative: str, header: str) -> list[str]:
+    """Markdown rows: each configuration against ``base``: the difference of means, Welch's p one-sided (the
+    decision, over the seeds both ran), and Welch's p one-sided and two-sided."""
+    lines = [f"| {header} | n | final val (mean ± sd) | Δ vs base | paired p one-sided | Welch p one-sided | "
+             "Welch two-sided |",
+             "|---|---|---|---|---|---|---|",
+             f"| base: {base.label} | {base.n} | {base.text()} | | | | |"]  # fmt: skip
+    for name, s in rows:
+        diverged = f" ({s.diverged} diverged)" if s.diverged else ""
+        lines.append(f"| {name} | {s.n}{diverged} | {s.text()} | {s.mean - base.mean:+.4f} | "
+                     f"{p_text(paired(s, base, alternative))} | {p_text(welch(s, base, alternative))} | "
+                     f"{p_text(welch(s, base))} |")  # fmt: skip
+    return lines
+
+
+def plot(path: Path, curves: dict[str, list[dict[str, Any]]], title: str, target: float | None = None) -> None:
+    """Val loss against tokens: each configuration's mean over its seeds, with a ±sd band where there are several."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for label, curve in curves.items():
-        ax.plot([t / 1e6 for t, _ in curve], [v for _, v in curve], "o-" if "gpt2" in label else ".-", ms=3,
-                label=label)  # fmt: skip
-    ax.axhline(target, color="gray", ls="--", lw=0.8, label=f"gpt2 recipe's final val loss {target:.3f}")
-    ax.set(xlabel="training tokens (M)", ylabel="val loss", title="gpt2 vs modern recipe, same data and model size")
-    ax.set_ylim(top=min(8.0, max(v for c in curves.values() for _, v in c)))
+    top = 0.0
+    for label, rows in curves.items():
+        tokens = [t / 1e6 for t, _ in rows[0]["curve"]]
+        losses = [[loss for _, loss in r["curve"]] for r in rows if not r["diverged"]]
+        mean = [statistics.fmean(v) for v in zip(*losses)]
+        line = ax.plot(tokens, mean, ".-", ms=4, label=f"{label} (n={len(losses)})")[0]
+        if len(losses) > 1:
+            sd = [statistics.stdev(v) for v in zip(*losses)]
+            ax.fill_between(tokens, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
+                            color=line.get_color(), alpha=0.2)  # fmt: skip
+        top = max(top, mean[min(2, len(mean) - 1)])
+    if target is not None:
+        ax.axhline(target, color="gray", ls="--", lw=0.8, label=f"modern-v1's full-budget mean {target:.4f}")
+    ax.set(xlabel="training tokens (M)", ylabel="val loss", title=title, ylim=(None, top))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    path = args.work / "recipes.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The bench
+
+
+def settle(
+    execute: Callable[[list[Run]], dict[str, dict[str, Any]]],
+    groups: dict[Any, list[Run]],
+    base: Stats,
+    alternative: str,
+    alpha: float,
+    seeds: int,
+) -> dict[Any, list[Run]]:
+    """``groups`` (configurations compared with ``base``), those whose p-value is close to ``alpha`` (within
+    [alpha / 5, 4 alpha)) with ``seeds`` seeds instead, and every run of them trained."""
+    results = execute([r for todo in groups.values() for r in todo])
+    close = [
+        k for k, todo in groups.items() if alpha / 5 <= paired(stats(results, todo), base, alternative) < 4 * alpha
+    ]
+    groups = {k: reseed(todo, max(seeds, len(todo))) if k in close else todo for k, todo in groups.items()}
+    execute([r for todo in groups.values() for r in todo])
+    return groups
+
+
+def new_modern_pieces(
+    execute: Callable[[list[Run]], dict[str, dict[str, Any]]],
+    singles: dict[str, Stats],
+    base: Stats,
+    args: Any,
+    out: list[str],
+) -> list[str]:
+    """Every piece that helps; while their combination is worse than its best single piece, drop greedily."""
+    helpful = [name for name, s in singles.items() if s.mean < base.mean and paired(s, base, "less") < args.alpha]
+    out.append(f"Pieces that help (one-sided paired p < {args.alpha}): {', '.join(helpful) or 'none'}.")
+    if len(helpful) <= 1:
+        return helpful
+
+    def measure(pieces: list[str]) -> Stats:
+        todo = modern_runs(pieces, args.bench, args.fraction, args.seeds)
+        return stats(execute(todo), todo)
+
+    chosen = helpful
+    best_single = min(singles[name].mean for name in helpful)
+    while len(chosen) > 1 and (combination := measure(chosen)).mean > best_single:
+        out.append(f"{combination.label}: {combination.text()} is worse than its best single piece "
+                   f"({best_single:.4f}): dropping one piece.")  # fmt: skip
+        without = {name: measure([p for p in chosen if p != name]) for name in chosen}
+        dropped = min(without, key=lambda name: without[name].mean)
+        out.append("  without each: " + ", ".join(f"{n} {s.mean:.4f}" for n, s in without.items())
+                   + f"; dropped {dropped}")  # fmt: skip
+        chosen = [p for p in chosen if p != dropped]
+    return chosen
+
+
+def bench(args: argparse.Namespace, execute: Executor) -> list[str]:
+    """Train (or read back) every run the bench needs, in order of priority; return the report's lines."""
+    b, fraction = args.bench, args.fraction
+    # 1-3: the gpt2 sweep, modern-v1, and each piece alone
+    sweep = {lr: runs(f"gpt2 lr {lr:g}", b, 1.0, 1, recipe="gpt2", lr=lr, min_lr=lr / 10) for lr in args.gpt2_lrs}
+    v1_full = runs("modern-v1", b, 1.0, args.base_seeds, recipe="modern-v1")
+    v1_part = runs("modern-v1", b, fraction, args.base_seeds, recipe="modern-v1")
+    singles = {name: modern_runs([name], b, fraction, args.seeds) for name in args.pieces}
+    results = execute([r for todo in (*sweep.values(), v1_full, v1_part, *singles.values()) for r in todo])
+    sweep_losses = {lr: results[todo[0].key]["final_val"] for lr, todo in sweep.items()}
+    best_lr = min(args.gpt2_lrs, key=lambda lr: sweep_losses[lr])
+    gpt2 = runs(f"gpt2 lr {best_lr:g}", b, 1.0, args.seeds, recipe="gpt2", lr=best_lr, min_lr=best_lr / 10)
+    results.update(execute(gpt2))
+    singles = settle(execute, singles, stats(results, v1_part), "less", args.alpha, args.close_seeds)
+    results.update(execute([r for todo in singles.values() for r in todo]))
+    gpt2_stats, v1_stats, base = stats(results, gpt2), stats(results, v1_full), stats(results, v1_part)
+    single_stats = {name: stats(results, todo) for name, todo in singles.items()}
+    out = [f"## Bench: {b.n_layer} layers × {b.n_embd}, seq {b.seq_len}, budget {b.budget_tokens:,} tokens "
+           f"({b.steps(1.0)} steps of {b.batch_tokens:,})"]  # fmt: skip
+    out += report_full_budget(sweep_losses, gpt2_stats, v1_stats)
+    out += report_pieces(base, single_stats, [results[r.key] for r in singles.get("documents", [])], fraction)
+
+    # 4: the new modern and its budgets
+    out += ["", "### The new modern", ""]
+    pieces = new_modern_pieces(execute, single_stats, base, args, out)
+    label, flags = modern(pieces)
+    atomic_write_text(args.work / "new_modern.json", json.dumps({"pieces": pieces, "flags": flags}, indent=1) + "\n")
+    fractions = sorted({*args.budgets, *args.plot_budgets, fraction, 1.0})
+    budgets = {f: runs(label, b, f, args.seeds, **flags) for f in fractions}
+    results.update(execute([r for todo in budgets.values() for r in todo]))
+    _, past = crossing([(f, stats(results, todo).mean) for f, todo in budgets.items()], v1_stats.mean)
+    if past is not None and label != v1_full[0].label:  # the budget past the crossing: p < 0.01 is the target
+        f = sorted(budgets)[past]
+        budgets.update(settle(execute, {f: budgets[f]}, v1_stats, "less", args.target_p, args.close_seeds))
+        results.update(execute(budgets[f]))
+    budget_stats = {todo[0].steps / b.steps(1.0): stats(results, todo) for todo in budgets.values()}
+    out.append(f"New modern: {label}; flags {json.dumps(flags)}.\n")
+    out += comparison_table(base, [(f"new modern at {fraction:.0%}", stats(results, budgets[fraction]))], "less",
+                            "configuration")  # fmt: skip
+    out += report_budgets(budget_stats, v1_stats, gpt2_stats)
+
+    # 5: the ablation
+    if "ablation" in args.sections:
+        ablations = {name: runs(f"modern-v1-{name}", b, fraction, args.seeds, recipe="modern-v1",
+                                **ABLATIONS[name][1]) for name in ABLATIONS}  # fmt: skip
+        ablations = settle(execute, ablations, base, "greater", args.alpha, args.close_seeds)
+        results.update(execute([r for todo in ablations.values() for r in todo]))
+        out += ["", f"### Ablation: modern-v1 with one piece switched back, at {fraction:.0%} of the budget", "",
+                "One-sided p: H1 switching the piece back raises the mean final val loss.", ""]  # fmt: skip
+        out += comparison_table(base, [(ABLATIONS[n][0], stats(results, todo)) for n, todo in ablations.items()],
+                                "greater", "change")  # fmt: skip
+
+    # The main comparison's curves
+    curves = {f"gpt2 lr {best_lr:g} (100%)": gpt2, "modern-v1 (100%)": v1_full}
+    for f in (*args.plot_budgets, 1.0):
+        if budgets[f][0].key not in {todo[0].key for todo in curves.values()}:  # a new modern that is modern-v1
+            curves[f"new modern ({f:.0%})"] = budgets[f]
+    plot(args.work / "recipes.png", {k: [results[r.key] for r in todo] for k, todo in curves.items()},
+         f"{b.n_layer} layers × {b.n_embd}, seq {b.seq_len}: mean ± sd over seeds", v1_stats.mean)  # fmt: skip
+
+    # 6: the confirmation at a larger scale
+    if "confirm" in args.sections:
+        out += confirm(args, execute, best_lr, label, flags)
+    return out
+
+
+def report_full_budget(sweep: dict[float, float], gpt2: Stats, v1: Stats) -> list[str]:
+    """The gpt2 recipe's sweep, and both recipes at the full budget."""
+    out = ["", f"### gpt2 recipe: sweep of --lr (seed {FIRST_SEED}, full budget)", "",
+           "| --lr | " + " | ".join(f"{lr:g}" for lr in sweep) + " |", "|---|" + "---|" * len(sweep),
+           "| final val | " + " | ".join(f"{loss:.4f}" for loss in sweep.values()) + " |", "",
+           "### Full budget", "", "| recipe | n | final val (mean ± sd) | each seed |",
+           "|---|---|---|---|"]  # fmt: skip
+    for s in (gpt2, v1):
+        out.append(f"| {s.label} | {s.n} | {s.text()} | {', '.join(f'{v:.4f}' for v in s.values)} |")
+    out.append(
+        f"\nmodern-v1 vs gpt2, one-sided (H1: modern-v1 lower): paired p = {p_text(paired(v1, gpt2, 'less'))}, "
+        f"Welch p = {p_text(welch(v1, gpt2, 'less'))}"
+    )
+    return out
+
+
+def report_pieces(base: Stats, singles: dict[str, Stats], documents: list[dict[str, Any]], fraction: float
+                  ) -> list[str]:  # fmt: skip
+    """Each piece added alone, against modern-v1 at the same budget."""
+    out = ["", f"### Each piece added to modern-v1 alone, at {fraction:.0%} of the budget", "",
+           "One-sided p: H1 the piece lowers the mean final val loss.", ""]  # fmt: skip
+    out += comparison_table(base, [(f"+ {name}: {PIECES[name][0]}", s) for name, s in singles.items()], "less",
+                            "configuration")  # fmt: skip
+    if documents:
+        cropped = ", ".join(f"{r['cropped']:.1%}" for r in documents)
+        out.append(f"\nDocument-aligned rows: the packing cropped {cropped} of the tokens it read (by seed).")
+    return out
+
+
+def report_budgets(budgets: dict[float, Stats], v1: Stats, gpt2: Stats) -> list[str]:
+    """The new modern by budget, and where it crosses modern-v1's full-budget mean and the gpt2 recipe's."""
+    out = ["", "By budget (one-sided p: H1 the new modern at this budget is below the reference):", "",
+           "| budget | tokens | n | final val (mean ± sd) | vs modern-v1 100%: Δ, paired p, Welch p | "
+           "vs gpt2 best: Δ, paired p, Welch p |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    for f, s in sorted(budgets.items()):
+        out.append(
+            f"| {f:.3f} | {s.tokens:,} | {s.n} | {s.text()} | {s.mean - v1.mean:+.4f}, "
+            f"{p_text(paired(s, v1, 'less'))}, {p_text(welch(s, v1, 'less'))} | {s.mean - gpt2.mean:+.4f}, "
+            f"{p_text(paired(s, gpt2, 'less'))}, {p_text(welch(s, gpt2, 'less'))} |"
+        )
+    points = [(f, s.mean) for f, s in budgets.items()]
+    for name, target in (("modern-v1's full-budget mean", v1), ("the gpt2 recipe's best mean", gpt2)):
+        where, index = crossing(points, target.mean)
+        if where is None:
+            out.append(f"\nThe new modern never reaches {name} {target.mean:.4f} within the budgets measured.")
+            continue
+        f, s = sorted(budgets.items())[index]
+        out.append(f"\n**The new modern reaches {name} ({target.mean:.4f}) at {where:.3f} of the budget** "
+                   f"(linear between budgets); at the budget past the crossing ({f:.3f}): {s.text()}, one-sided "
+                   f"paired p = {p_text(paired(s, target, 'less'))}, "
+                   f"Welch p = {p_text(welch(s, target, 'less'))}.")  # fmt: skip
+    return out
+
+
+def confirm(args: argparse.Namespace, execute: Executor, lr: float, label: str, flags: dict[str, Any]) -> list[str]:
+    """One seed each of gpt2, modern-v1 and the new modern at the confirmation scale; a table and the curves."""
+    w = args.wide
+    todo = {f"gpt2 lr {lr:g} (100%)": runs(f"wide gpt2 lr {lr:g}", w, 1.0, 1, recipe="gpt2", lr=lr, min_lr=lr / 10),
+            "modern-v1 (100%)": runs("wide modern-v1", w, 1.0, 1, recipe="modern-v1")}  # fmt: skip
+    todo.update({f"new modern ({f:.0%})": runs(f"wide {label}", w, f, 1, **flags) for f in args.confirm_budgets})
+    results = execute([r for rs in todo.values() for r in rs])
+    out = ["", f"## Confirmation: {w.n_layer} layers × {w.n_embd} ({w.n_embd // 64} heads), seq {w.seq_len}, "
+           f"budget {w.budget_tokens:,} tokens (one seed, {FIRST_SEED})", "",
+           "| run | tokens | final val | µs/token (noisy) |", "|---|---|---|---|"]  # fmt: skip
+    for name, (run,) in todo.items():
+        r = results[run.key]
+        final = "diverged" if r["diverged"] else f"{r['final_val']:.4f}"
+        out.append(f"| {name} | {r['tokens']:,} | {final} | {r['us_per_token']:.0f} |")
+    plot(args.work / "recipes_wide.png", {k: [results[r.key] for r in rs] for k, rs in todo.items()},
+         f"{w.n_layer} layers × {w.n_embd}, seq {w.seq_len}, one seed")  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Timing
 
 
 def timing(args: argparse.Namespace, data: Path) -> None:
-    """Seconds per token of each recipe, eager and compiled: short runs, the median step after the first two."""
-    print(f"{'recipe':<8} {'mode':<9} {'us/token':>9}")
+    """Seconds per token of gpt2, modern-v1 and the new modern, eager and compiled, and of modern-v1 with each piece
+    added, eager: the median step after two."""
+    chosen = args.work / "new_modern.json"
+    new_flags = json.loads(chosen.read_text())["flags"] if chosen.exists() else {"recipe": "modern"}
+    print(f"new modern: {json.dumps(new_flags)}")
+    recipes = {"gpt2": {"recipe": "gpt2", "warmup_steps": 1}, "modern-v1": {"recipe": "modern-v1"},
+               "new modern": new_flags}  # fmt: skip
+    print(f"{'recipe':<15} {'mode':<9} {'us/token':>9} {'vs modern-v1':>13}")
+    pieces = {f"+{name}": modern([name])[1] for name in args.pieces}
     for compile in (False, True):
-        for recipe in ("gpt2", "modern"):
-            out = args.work / "timing" / f"{recipe}_{compile}"
-            cfg = train_config(data=str(data), out=str(out), recipe=recipe, max_steps=8, warmup_steps=1, resume="never",
-                              compile=compile, **{**model_flags(args), "eval_every": 0})  # fmt: skip
-            if out.exists():
-                for path in out.iterdir():
-                    path.unlink()
+        per_token: dict[str, float] = {}
+        for name, flags in (recipes if compile else {**recipes, **pieces}).items():
+            out = args.work / "timing" / f"{name.replace(' ', '_')}_{'compiled' if compile else 'eager'}"
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = train_config(data=str(data), out=str(out), max_steps=args.timing_steps, resume="never",
+                               compile=compile, **{**args.bench.flags(), "eval_every": 0, **flags})  # fmt: skip
             train(cfg)
-            rates = [r["tok_per_s"] for r in JsonlLog(out / "log.jsonl").read() if r["step"] >= 2]
-            mode = "compiled" if compile else "eager"
-            print(f"{recipe:<8} {mode:<9} {1e6 / statistics.median(rates):>9.1f}", flush=True)
+            dts = [r["dt_ms"] for r in JsonlLog(out / "log.jsonl").read() if r["kind"] == "train" and r["step"] >= 2]
+            per_token[name] = 1e3 * statistics.median(dts) / cfg.batch_tokens
+            shutil.rmtree(out)
+            ratio = per_token[name] / per_token.get("modern-v1", per_token[name])
+            print(f"{name:<15} {'compiled' if compile else 'eager':<9} {per_token[name]:>9.1f} {ratio:>12.2f}x",
+                  flush=True)  # fmt: skip
 
 
-def main() -> None:
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", type=Path, default=Path("../shared/data/corpus/openstax_textbooks_75pct.jsonl"))
-    p.add_argument("--work", type=Path, default=Path("runs/bench_recipe"), help="shards, runs and results.json")
+    p.add_argument("--work", type=Path, default=Path("runs/bench_recipe"), help="shards, runs, results, report")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at a time (one thread each)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of each configuration")
+    p.add_argument("--base-seeds", type=int, default=5, help="seeds of modern-v1, which every comparison uses")
+    p.add_argument("--alpha", type=float, default=0.05, help="a piece helps if its one-sided paired p is below this")
+    p.add_argument("--target-p", type=float, default=0.01, help="the new modern's p at the crossing budget")
+    p.add_argument(
+        "--close-seeds",
+        type=int,
+        default=5,
+        help="seeds of a configuration whose p-value is close to the threshold (alpha/5 <= p < 4 alpha)",
+    )
     p.add_argument("--budget-tokens", type=int, default=786_432, help="the gpt2 recipe's training tokens")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256, help="width (heads of 64)")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--val-tokens", type=int, default=32768)
     p.add_argument("--eval-every", type=int, default=12)
-    p.add_argument("--gpt2-lrs", default="6e-4,1.8e-3,3.6e-3", help="the gpt2 recipe's sweep of --lr")
-    p.add_argument("--modern-scales", default="0.5,1,2", help="the modern recipe's sweep: x all its rates")
-    p.add_argument(
-        "--budgets", default="0.1,0.15,0.2,0.3,0.4,0.6,0.8", help="fractions of the budget for the modern recipe"
-    )
-    p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--gpt2-lrs", type=floats, default=floats("6e-4,1.8e-3,3.6e-3"), help="the gpt2 recipe's sweep")
+    p.add_argument("--fraction", type=float, default=0.5, help="budget fraction of the pieces and the ablation")
+    p.add_argument("--pieces", default=",".join(PIECES), help="pieces to measure (comma-separated)")
+    p.add_argument("--budgets", type=floats, default=floats("0.15,0.2,0.3,0.4,0.5,0.6,0.75,1"),
+                   help="budget fractions of the new modern")  # fmt: skip
+    p.add_argument("--plot-budgets", type=floats, default=floats("0.6,0.75"), help="new-modern budgets plotted")
+    p.add_argument("--sections", default="ablation,confirm", help="optional parts to run: ablation, confirm")
+    p.add_argument("--confirm-width", type=int, default=512)
+    p.add_argument("--confirm-tokens", type=int, default=3_145_728, help="the gpt2 recipe's tokens at that width")
+    p.add_argument("--confirm-eval-every", type=int, default=24)
+    p.add_argument("--confirm-budgets", type=floats, default=floats("1"), help="budget fractions of the new modern")
     p.add_argument("--timing", action="store_true", help="only measure seconds per token (idle machine)")
+    p.add_argument("--timing-steps", type=int, default=10)
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: train the run this spec describes
     args = p.parse_args()
+    args.pieces = [name for name in args.pieces.split(",") if name]
+    unknown = set(args.pieces) - set(PIECES)
+    if unknown:
+        p.error(f"unknown pieces {', '.join(sorted(unknown))}; choose from {', '.join(PIECES)}")
+    args.sections = set(args.sections.split(","))
+    args.bench = Scale(args.n_layer, args.n_embd, args.seq_len, args.micro_batch, args.batch_tokens,
+                       args.budget_tokens, args.val_tokens, args.eval_every)  # fmt: skip
+    args.wide = Scale(args.n_layer, args.confirm_width, args.seq_len, args.micro_batch, args.batch_tokens,
+                      args.confirm_tokens, args.val_tokens, args.confirm_eval_every)  # fmt: skip
+    return args
+
+
+def prepare_data(args: argparse.Namespace) -> Path:
+    """The corpus as shards in ``<work>/shards`` (once): 4M-token train shards; the first 256K tokens are val."""
+    data = args.work / "shards"
+    prepare(PrepareConfig(out=data, input=[str(args.input)], shard_tokens=1 << 22, val_shard_tokens=1 << 18))
+    return data
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        worker(args.worker)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
     data = prepare_data(args)
     if args.timing:
         timing(args, data)
         return
+    execute = Executor(args.work, data, args.jobs)
 
-    gpt2 = [run(args, data, f"gpt2 lr {lr}", 1.0, recipe="gpt2", lr=float(lr), min_lr=float(lr) / 10)
-            for lr in args.gpt2_lrs.split(",")]  # fmt: skip
-    modern_lrs = {"lr": 0.02, "embed_lr": 0.3, "head_lr": 0.006}
-    scaled = lambda s: {k: v * float(s) for k, v in modern_lrs.items()}  # noqa: E731
-    modern = [run(args, data, f"modern x{s}", 1.0, recipe="modern", **scaled(s)) for s in args.modern_scales.split(",")]
-    best_gpt2 = min(gpt2, key=lambda r: r["final_val"])
-    best_modern = min(modern, key=lambda r: r["final_val"])
-    best_flags = best_modern["flags"]
-    target = best_gpt2["final_val"]
-    budgets = [(1.0, best_modern["final_val"])]
-    curves = {f"{best_gpt2['name']} (100%)": best_gpt2["curve"], f"{best_modern['name']} (100%)": best_modern["curve"]}
-    for fraction in map(float, args.budgets.split(",")):
-        result = run(args, data, f"{best_modern['name']} at {fraction:.0%}", fraction, **best_flags)
-        budgets.append((fraction, result["final_val"]))
-        curves[f"{best_modern['name']} ({fraction:.0%})"] = result["curve"]
-    ratio, ratio_text = crossing(budgets, target)
+    def terminate(signum: int, frame: Any) -> None:
+        execute.stop()
+        sys.exit(128 + signum)
 
-    print(f"\nmodel: {args.n_layer} layers x {args.n_embd}, seq {args.seq_len}, {args.batch_tokens} tokens/step; "
-          f"budget {args.budget_tokens:,} tokens; data {args.input.name}")  # fmt: skip
-    print("sweep (final val loss at the full budget):")
-    for r in gpt2 + modern:
-        print(f"  {r['name']:<28} {r['final_val']:.4f}  {1e6 / r['tok_per_s']:.1f} us/token")
-    print(f"best: {best_gpt2['name']} {target:.4f}; {best_modern['name']} {best_modern['final_val']:.4f}")
-    print("modern at its best rates, by budget: " + ", ".join(f"{f:.0%} {v:.4f}" for f, v in sorted(budgets)))
-    print(f"tokens the modern recipe needs to reach the gpt2 recipe's final val loss: {ratio_text} of the budget")
-    if not args.no_ablation:
-        print("ablation at 40% of the budget (final val loss; the full modern recipe there is "
-              f"{dict(budgets).get(0.4, float('nan')):.4f}):")  # fmt: skip
-        for name, change in ABLATIONS.items():
-            result = run(args, data, f"ablation {name}", 0.4, **{**best_flags, **change})
-            print(f"  {name:<28} {result['final_val']:.4f}")
-    print(f"plot: {plot(args, curves, target)}")
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        lines = bench(args, execute)
+    except KeyboardInterrupt:
+        execute.stop()
+        raise
+    report = "\n".join(lines) + "\n"
+    atomic_write_text(args.work / "report.md", report)
+    print("\n" + report)
 
 
 if __name__ == "__main__":
