@@ -41,8 +41,9 @@ The report (markdown tables) goes to stdout and ``<work>/report.md``; the curves
 over seeds with a ±sd band) to ``<work>/recipes.png`` and ``<work>/recipes_wide.png``.
 
 ``--timing`` instead measures seconds per token of gpt2, modern-v1 and the new modern (the flags the bench chose,
-``<work>/new_modern.json``), eager and compiled: short runs in this process with all its threads, the median step
-after the first two. Run it on an otherwise idle machine.
+``<work>/new_modern.json``), eager and compiled, and of modern-v1 with each piece, eager: short runs in this process
+with all its threads, the median step after the first two, the median of ``--timing-repeats`` alternating rounds.
+Run it on an otherwise idle machine.
 
   python bench/bench_recipe.py --jobs 2
   python bench/bench_recipe.py --timing
@@ -593,6 +594,11 @@ def report_budgets(budgets: dict[float, Stats], v1: Stats, gpt2: Stats) -> list[
             out.append(f"\nThe new modern never reaches {name} within the budgets measured.")
             continue
         f, s = sorted(budgets.items())[index]
+        if index == 0:
+            out.append(f"\n**The new modern is below {name} already at the smallest budget measured ({f:.3f})**: "
+                       f"Δ {gap(s, target):+.4f}, one-sided paired p = {p_text(paired(s, target, 'less'))}, "
+                       f"Welch p = {p_text(welch(s, target, 'less'))}.")  # fmt: skip
+            continue
         out.append(f"\n**The new modern reaches {name} at {where:.3f} of the budget** (its mean difference over "
                    f"the seeds both ran, linear between budgets); at the budget past the crossing ({f:.3f}): "
                    f"Δ {gap(s, target):+.4f}, one-sided "
@@ -624,30 +630,41 @@ def confirm(args: argparse.Namespace, execute: Executor, lr: float, label: str, 
 # Timing
 
 
+def us_per_token(args: argparse.Namespace, data: Path, out: Path, compile: bool, flags: dict[str, Any]) -> float:
+    """Microseconds per token of a ``--timing-steps`` run: its median step after the first two."""
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = train_config(data=str(data), out=str(out), max_steps=args.timing_steps, resume="never", compile=compile,
+                       **{**args.bench.flags(), "eval_every": 0, **flags})  # fmt: skip
+    train(cfg)
+    dts = [r["dt_ms"] for r in JsonlLog(out / "log.jsonl").read() if r["kind"] == "train" and r["step"] >= 2]
+    shutil.rmtree(out)
+    return 1e3 * statistics.median(dts) / cfg.batch_tokens
+
+
 def timing(args: argparse.Namespace, data: Path) -> None:
     """Seconds per token of gpt2, modern-v1 and the new modern, eager and compiled, and of modern-v1 with each piece
-    added, eager: the median step after two."""
+    added, eager: the median step after two of each run, and the median over ``--timing-repeats`` rounds that
+    alternate the configurations (a shared machine drifts: a ratio is fair only between runs interleaved)."""
     chosen = args.work / "new_modern.json"
     new_flags = json.loads(chosen.read_text())["flags"] if chosen.exists() else {"recipe": "modern"}
     print(f"new modern: {json.dumps(new_flags)}")
-    recipes = {"gpt2": {"recipe": "gpt2", "warmup_steps": 1}, "modern-v1": {"recipe": "modern-v1"},
+    recipes = {"modern-v1": {"recipe": "modern-v1"}, "gpt2": {"recipe": "gpt2", "warmup_steps": 1},
                "new modern": new_flags}  # fmt: skip
-    print(f"{'recipe':<15} {'mode':<9} {'us/token':>9} {'vs modern-v1':>13}")
     pieces = {f"+{name}": modern([name])[1] for name in args.pieces}
+    print(f"{'recipe':<15} {'mode':<9} {'us/token (each round)':>30} {'median':>8} {'vs modern-v1':>13}")
     for compile in (False, True):
-        per_token: dict[str, float] = {}
-        for name, flags in (recipes if compile else {**recipes, **pieces}).items():
-            out = args.work / "timing" / f"{name.replace(' ', '_')}_{'compiled' if compile else 'eager'}"
-            shutil.rmtree(out, ignore_errors=True)
-            cfg = train_config(data=str(data), out=str(out), max_steps=args.timing_steps, resume="never",
-                               compile=compile, **{**args.bench.flags(), "eval_every": 0, **flags})  # fmt: skip
-            train(cfg)
-            dts = [r["dt_ms"] for r in JsonlLog(out / "log.jsonl").read() if r["kind"] == "train" and r["step"] >= 2]
-            per_token[name] = 1e3 * statistics.median(dts) / cfg.batch_tokens
-            shutil.rmtree(out)
-            ratio = per_token[name] / per_token.get("modern-v1", per_token[name])
-            print(f"{name:<15} {'compiled' if compile else 'eager':<9} {per_token[name]:>9.1f} {ratio:>12.2f}x",
-                  flush=True)  # fmt: skip
+        mode = "compiled" if compile else "eager"
+        configs = recipes if compile else {**recipes, **pieces}
+        per_token: dict[str, list[float]] = {name: [] for name in configs}
+        for _ in range(args.timing_repeats):
+            for name, flags in configs.items():
+                out = args.work / "timing" / f"{name.replace(' ', '_')}_{mode}"
+                per_token[name].append(us_per_token(args, data, out, compile, flags))
+        base = statistics.median(per_token["modern-v1"])
+        for name, values in per_token.items():
+            rounds = ", ".join(f"{v:.1f}" for v in values)
+            median = statistics.median(values)
+            print(f"{name:<15} {mode:<9} {rounds:>30} {median:>8.1f} {median / base:>12.2f}x", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -693,6 +710,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--confirm-budgets", type=floats, default=floats("1"), help="budget fractions of the new modern")
     p.add_argument("--timing", action="store_true", help="only measure seconds per token (idle machine)")
     p.add_argument("--timing-steps", type=int, default=10)
+    p.add_argument("--timing-repeats", type=int, default=3, help="alternating rounds of --timing; medians reported")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: train the run this spec describes
     args = p.parse_args()
     args.pieces = [name for name in args.pieces.split(",") if name]

@@ -405,7 +405,7 @@ def gpt2_recipe() -> TrainConfig:
 
 
 def modern_v1_recipe() -> TrainConfig:
-    """The 2024 subset of the modded-nanogpt speedrun (README "Two recipes"; rates from bench/bench_recipe.py):
+    """The 2024 subset of the modded-nanogpt speedrun (README "Recipes"; rates from bench/bench_recipe.py):
     rotary, RMSNorm (also on the embedding), QK-norm, ReLU², an untied zero-initialised head, zero-initialised
     output projections, no biases; ``torch.optim.Muon`` at 0.02 for the hidden matrices, AdamW (0.8, 0.95, eps
     1e-10, no weight decay) at 0.3 for the embedding and 0.006 for the head; no warmup, constant, and a linear
@@ -419,7 +419,7 @@ def modern_v1_recipe() -> TrainConfig:
 
 def modern_recipe() -> TrainConfig:
     """modern-v1 plus the second-generation pieces that lowered its loss at p < 0.05 (seed-paired, 5 seeds where
-    the first 3 were close; README "Two recipes", bench/bench_recipe.py): Muon with Polar Express coefficients and
+    the first 3 were close; README "Recipes", bench/bench_recipe.py): Muon with Polar Express coefficients and
     NorMuon's neuron-wise normalisation (beta2 0.95), on q, k and v as three matrices; document-masked attention
     with short/long windows alternating (short: a quarter of the context); one value-embedding table (the first
     and the last layer). Left out as measured: U-net skips and document-aligned rows (worse)."""
