@@ -20,7 +20,7 @@ from gpt2.config import MODERN_BLOCK, GPTConfig, TrainConfig, train_config
 from gpt2.hellaswag import Example
 from gpt2.model import GPT
 from gpt2.schedule import lr_multiplier
-from gpt2.tokenizer import get_encoding
+from gpt2.tokenizer import N_VOCAB, get_encoding
 from gpt2.trainer import StopRequest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,16 @@ def tiny_config(**overrides: int) -> GPTConfig:
 def tiny_model(seed: int = 0, **overrides: int) -> GPT:
     torch.manual_seed(seed)
     return GPT(tiny_config(**overrides))
+
+
+def adversarial_padded_model(seed: int = 0) -> GPT:
+    """A model saved the nanoGPT way (``vocab_size`` 50304) whose 47 padding rows would win every softmax."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(vocab_size=50304))
+    with torch.no_grad():
+        h = model.hidden(torch.randint(0, N_VOCAB, (4, 32))).flatten(0, 1)
+        model.lm_head.weight[N_VOCAB:] = 200 * h.mean(0) / h.mean(0).norm() ** 2
+    return model
 
 
 def run_python(*args: str | Path, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None):

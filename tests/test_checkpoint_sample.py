@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import run_python, tiny_config, tiny_model
+from support import adversarial_padded_model, run_python, tiny_config, tiny_model
 
 from gpt2.checkpoint import clean_state_dict, load_model, model_payload, save_checkpoint
 from gpt2.errors import UserError
@@ -100,16 +100,6 @@ def test_bad_input_is_one_line(run_dir, make_target, args, message):
 def test_load_model_errors_in_library(tmp_path):
     with pytest.raises(UserError, match="holds no ckpt"):
         load_model(tmp_path)
-
-
-def adversarial_padded_model(seed: int = 0) -> GPT:
-    """A model saved the nanoGPT way (``vocab_size`` 50304) whose 47 padding rows would win every softmax."""
-    torch.manual_seed(seed)
-    model = GPT(tiny_config(vocab_size=50304))
-    with torch.no_grad():
-        h = model.hidden(torch.randint(0, N_VOCAB, (4, 32))).flatten(0, 1)
-        model.lm_head.weight[N_VOCAB:] = 200 * h.mean(0) / h.mean(0).norm() ** 2
-    return model
 
 
 def save_build_nanogpt_checkpoint(path: Path, model: GPT, step: int) -> None:

@@ -12,6 +12,7 @@ import torch
 from support import (
     ROOT,
     SAMPLE_HELLASWAG,
+    adversarial_padded_model,
     modern_model,
     read_log,
     reference_losses,
@@ -195,16 +196,6 @@ def greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
         logits, _ = model(torch.tensor([ids]))
         ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt) :]
-
-
-def adversarial_padded_model(seed: int = 0) -> GPT:
-    """A model saved the nanoGPT way (``vocab_size`` 50304) whose 47 padding rows would win every softmax."""
-    torch.manual_seed(seed)
-    model = GPT(tiny_config(vocab_size=50304))
-    with torch.no_grad():
-        h = model.hidden(torch.randint(0, N_VOCAB, (4, 32))).flatten(0, 1)
-        model.lm_head.weight[N_VOCAB:] = 200 * h.mean(0) / h.mean(0).norm() ** 2
-    return model
 
 
 def test_an_architecture_change_in_the_model_reaches_training_validation_hellaswag_and_sampling(tmp_path, monkeypatch):
