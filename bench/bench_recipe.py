@@ -339,27 +339,30 @@ def welch(a: Stats, b: Stats, alternative: str = "two-sided") -> float:
     return float(ttest_ind(a.values, b.values, equal_var=False, alternative=alternative).pvalue)
 
 
+def shared_seeds(a: Stats, b: Stats) -> tuple[list[float], list[float]]:
+    """The values of ``a`` and of ``b`` under the seeds both ran, in seed order (pairs)."""
+    common = sorted(set(a.seeds) & set(b.seeds))
+    return [a.values[a.seeds.index(k)] for k in common], [b.values[b.seeds.index(k)] for k in common]
+
+
 def paired(a: Stats, b: Stats, alternative: str = "two-sided") -> float:
     """The paired t-test p-value of a vs b over the seeds they share (a seed fixes the data order of the windows
     layout, so pairing takes the data's share of the spread out): the bench's decision rule (module docstring)."""
     from scipy.stats import ttest_rel
 
-    common = sorted(set(a.seeds) & set(b.seeds))
-    if len(common) < 3:
+    a_values, b_values = shared_seeds(a, b)
+    if len(a_values) < 3:
         return math.nan
-    value = lambda s, seed: s.values[s.seeds.index(seed)]  # noqa: E731
-    return float(
-        ttest_rel([value(a, k) for k in common], [value(b, k) for k in common], alternative=alternative).pvalue
-    )
+    return float(ttest_rel(a_values, b_values, alternative=alternative).pvalue)
 
 
 def gap(a: Stats, b: Stats) -> float:
     """mean(a) - mean(b) over the seeds both ran (the seed moves the loss ten times more than the effects
     measured, so means over different seeds are not comparable); over all of each where they share none."""
-    common = sorted(set(a.seeds) & set(b.seeds))
-    if not common:
+    a_values, b_values = shared_seeds(a, b)
+    if not a_values:
         return a.mean - b.mean
-    return statistics.fmean(a.values[a.seeds.index(k)] - b.values[b.seeds.index(k)] for k in common)
+    return statistics.fmean(x - y for x, y in zip(a_values, b_values))
 
 
 def crossing(points: list[tuple[float, float]], target: float) -> tuple[float | None, int | None]:
