@@ -68,9 +68,9 @@ def test_cpu_smoke_run_reports_every_section(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to fail")
 def test_a_failing_step_stops_the_check_with_its_error(tmp_path: Path):
-    r = gpu_check(tmp_path / "out", GPU_CHECK_DEVICE="cuda")
+    # CUDA asked for with every GPU hidden: the first step that needs one fails, on any machine
+    r = gpu_check(tmp_path / "out", GPU_CHECK_DEVICE="cuda", CUDA_VISIBLE_DEVICES="")
     assert r.returncode == 1
     assert "gpu-check: FAILED:" in r.stderr and "no CUDA GPU is available" in r.stderr
     assert not (tmp_path / "out" / "gpu_check.json").exists()
