@@ -22,9 +22,11 @@ In order of priority:
    mean final val loss with one-sided paired p < ``--alpha``. A comparison whose p-value lands close to its threshold
    (alpha/5 <= p < 4 alpha: pieces, ablations, and the new modern past its crossing) gets ``--close-seeds`` seeds
    before it is decided.
-4. new modern: modern-v1 + every piece that helps. If that combination is worse (higher mean) than its best single
-   piece, pieces are dropped greedily (each step drops the piece whose removal gives the lowest mean) until it is
-   not. Then the new modern at each of ``--budgets`` (each a complete run: its schedule ends within its own budget),
+4. new modern: modern-v1 + every piece that helps. If that combination is worse (a higher loss over the seeds
+   both ran) than its best single piece, pieces are dropped greedily (each step drops the piece whose removal gives
+   the lowest loss) until it is not. tune: that combination with its cooldown or Muon's rate changed (``TUNES``,
+   against itself at ``--fraction``); the variant that helps most, if any, joins it. Then the new modern at each
+   of ``--budgets`` (each a complete run: its schedule ends within its own budget),
    and where it crosses modern-v1's full-budget loss and the gpt2 recipe's best (where its mean difference from
    them over the seeds both ran reaches 0, linear between budgets), with the one-sided p-value of the budget just
    past the crossing against that target.
@@ -92,6 +94,14 @@ PIECES: dict[str, tuple[str, dict[str, Any]]] = {
     "polar_express": ("Polar Express coefficients in Muon", dict(muon_polar_express=True)),
     "normuon": ("NorMuon, beta2 0.95", dict(normuon_beta2=0.95)),
 }  # fmt: skip
+
+# the new modern with its schedule or Muon's rate changed (modern-v1's were chosen without the new pieces): name ->
+# (what it is, its flags)
+TUNES: dict[str, tuple[str, dict[str, Any]]] = {
+    "cooldown 0.6": ("cooldown over the last 60% of the run (40%)", dict(cooldown_frac=0.6)),
+    "lr 0.03": ("Muon at 0.03 (0.02)", dict(lr=0.03)),
+    "lr 0.013": ("Muon at 0.013 (0.02)", dict(lr=0.013)),
+}
 
 # modern-v1 with one of its pieces switched back to GPT-2's: name -> (what it is, its flags)
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -470,16 +480,45 @@ def new_modern_pieces(
         return stats(execute(todo), todo)
 
     chosen = helpful
-    best_single = min(singles[name].mean for name in helpful)
-    while len(chosen) > 1 and (combination := measure(chosen)).mean > best_single:
-        out.append(f"{combination.label}: {combination.text()} is worse than its best single piece "
-                   f"({best_single:.4f}): dropping one piece.")  # fmt: skip
+    best = singles[min(helpful, key=lambda name: gap(singles[name], base))]
+    while len(chosen) > 1 and (worse := gap(combination := measure(chosen), best)) > 0:
+        out.append(f"{combination.label}: {worse:+.4f} above its best single piece ({best.label}) over the seeds "
+                   "both ran: dropping one piece.")  # fmt: skip
         without = {name: measure([p for p in chosen if p != name]) for name in chosen}
-        dropped = min(without, key=lambda name: without[name].mean)
-        out.append("  without each: " + ", ".join(f"{n} {s.mean:.4f}" for n, s in without.items())
-                   + f"; dropped {dropped}")  # fmt: skip
+        dropped = min(without, key=lambda name: gap(without[name], base))
+        out.append("  without each, Δ vs modern-v1: " + ", ".join(f"{n} {gap(s, base):+.4f}" for n, s in
+                   without.items()) + f"; dropped {dropped}")  # fmt: skip
         chosen = [p for p in chosen if p != dropped]
     return chosen
+
+
+def tune(
+    execute: Callable[[list[Run]], dict[str, dict[str, Any]]],
+    label: str,
+    flags: dict[str, Any],
+    args: Any,
+    out: list[str],
+) -> tuple[str, dict[str, Any]]:
+    """The new modern with each of ``TUNES`` against itself at ``--fraction``; the label and flags of the new modern
+    with the variant that lowers its loss most, if any does at one-sided paired p < ``--alpha``."""
+    b, fraction = args.bench, args.fraction
+    base_runs = runs(label, b, fraction, args.seeds, **flags)
+    variants = {name: runs(f"{label} {name}", b, fraction, args.seeds, **{**flags, **TUNES[name][1]}) for name in TUNES}
+    variants = settle(execute, variants, stats(execute(base_runs), base_runs), "less", args.alpha, args.close_seeds)
+    base_runs = reseed(base_runs, max(len(todo) for todo in variants.values()))  # pairs for the extra seeds
+    results = execute([*base_runs, *(r for todo in variants.values() for r in todo)])
+    base, tuned = stats(results, base_runs), {name: stats(results, todo) for name, todo in variants.items()}
+    out += ["", f"### The new modern's schedule and rate, varied, at {fraction:.0%} of the budget", "",
+            "One-sided p: H1 the variant lowers the mean final val loss.", ""]  # fmt: skip
+    out += comparison_table(base, [(f"{name}: {TUNES[name][0]}", s) for name, s in tuned.items()], "less",
+                            "variant")  # fmt: skip
+    helpful = [name for name, s in tuned.items() if gap(s, base) < 0 and paired(s, base, "less") < args.alpha]
+    if not helpful:
+        out.append("\nNo variant helps: the new modern keeps modern-v1's schedule and rates.")
+        return label, flags
+    best = min(helpful, key=lambda name: gap(tuned[name], base))
+    out.append(f"\nThe new modern takes {best} (of those that help: {', '.join(helpful)}).")
+    return f"{label} {best}", {**flags, **TUNES[best][1]}
 
 
 def bench(args: argparse.Namespace, execute: Executor) -> list[str]:
@@ -508,6 +547,8 @@ def bench(args: argparse.Namespace, execute: Executor) -> list[str]:
     out += ["", "### The new modern", ""]
     pieces = new_modern_pieces(execute, single_stats, base, args, out)
     label, flags = modern(pieces)
+    if "tune" in args.sections:
+        label, flags = tune(execute, label, flags, args, out)
     atomic_write_text(args.work / "new_modern.json", json.dumps({"pieces": pieces, "flags": flags}, indent=1) + "\n")
     fractions = sorted({*args.budgets, *args.plot_budgets, fraction, 1.0})
     budgets = {f: runs(label, b, f, args.seeds, **flags) for f in fractions}
@@ -706,7 +747,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budgets", type=floats, default=floats("0.15,0.2,0.3,0.4,0.5,0.6,0.75,1"),
                    help="budget fractions of the new modern")  # fmt: skip
     p.add_argument("--plot-budgets", type=floats, default=floats("0.6,0.75"), help="new-modern budgets plotted")
-    p.add_argument("--sections", default="ablation,confirm", help="optional parts to run: ablation, confirm")
+    p.add_argument("--sections", default="tune,ablation,confirm", help="optional parts: tune, ablation, confirm")
     p.add_argument("--confirm-width", type=int, default=512)
     p.add_argument("--confirm-tokens", type=int, default=3_145_728, help="the gpt2 recipe's tokens at that width")
     p.add_argument("--confirm-eval-every", type=int, default=24)

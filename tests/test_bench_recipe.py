@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import random
 import statistics
 import sys
 
@@ -47,3 +48,60 @@ def test_crossing_is_linear_between_budgets():
     assert bench.crossing(points, 0.0) == (pytest.approx(0.875), 2)
     assert bench.crossing(points, 0.4) == (0.5, 0)  # below the target already at the smallest budget
     assert bench.crossing(points, -0.2) == (None, None)
+
+
+# The bench's choices, on made-up losses: seed k moves every configuration alike (seeds 1340 and 1341 by +0.3), a
+# configuration's effect is its offset, and each run has a little noise of its own (so paired differences vary).
+SEED_SHIFT = {1337: 0.0, 1338: 0.1, 1339: -0.05, 1340: 0.3, 1341: 0.3}
+
+
+def loss(label: str, effect: float, seed: int) -> float:
+    return 6.0 + effect + SEED_SHIFT[seed] + random.Random(f"{label} {seed}").uniform(-0.002, 0.002)
+
+
+def fake_execute(effects: dict[str, float]):
+    """An executor whose run of a configuration labelled L under seed k ends at ``loss(L, effects[L], k)``."""
+
+    def execute(todo):
+        return {run.key: {"final_val": loss(run.label, effects[run.label], run.seed), "diverged": None,
+                          "seed": run.seed, "tokens": 0} for run in todo}  # fmt: skip
+
+    return execute
+
+
+def bench_args():
+    from types import SimpleNamespace
+
+    scale = bench.Scale(1, 64, 32, 1, 32, 64, 32, 1)
+    return SimpleNamespace(bench=scale, fraction=0.5, seeds=3, alpha=0.05, close_seeds=5)
+
+
+def test_a_combination_worse_than_its_best_piece_under_the_same_seeds_drops_a_piece():
+    execute = fake_execute({"modern-v1": 0.0, "modern-v1+polar_express": -0.02, "modern-v1+normuon": -0.01,
+                            "modern-v1+normuon+polar_express": -0.015})  # fmt: skip
+    five = [1337 + i for i in range(5)]
+    base = bench.Stats("modern-v1", 0, [loss("modern-v1", 0.0, k) for k in five], five)
+    singles = {name: bench.Stats(f"modern-v1+{name}", 0, [loss(name, e, k) for k in five], five)
+               for name, e in (("polar_express", -0.02), ("normuon", -0.01))}  # fmt: skip
+    out = []
+    # the combination ran 3 seeds (mean 6.00), its best piece 5 (mean 6.11, two bad seeds): only the same seeds
+    # show the combination is worse
+    assert bench.new_modern_pieces(execute, singles, base, bench_args(), out) == ["polar_express"]
+    assert "dropped normuon" in out[-1]
+
+
+@pytest.mark.parametrize(
+    "effects, chosen",
+    [({"lr 0.03": -0.02, "cooldown 0.6": -0.01, "lr 0.013": 0.01}, "lr 0.03"),
+     ({"lr 0.03": 0.01, "cooldown 0.6": 0.02, "lr 0.013": 0.001}, None)],
+)  # fmt: skip
+def test_tune_takes_the_variant_that_helps_most_or_none(effects, chosen):
+    label, flags = "new", {"recipe": "modern-v1", "lr": 0.02}
+    execute = fake_execute({label: 0.0, **{f"{label} {name}": e for name, e in effects.items()}})
+    out = []
+    tuned_label, tuned_flags = bench.tune(execute, label, flags, bench_args(), out)
+    if chosen is None:
+        assert (tuned_label, tuned_flags) == (label, flags)
+    else:
+        assert tuned_label == f"{label} {chosen}"
+        assert tuned_flags == {**flags, **bench.TUNES[chosen][1]}
