@@ -92,16 +92,20 @@ def test_a_combination_worse_than_its_best_piece_under_the_same_seeds_drops_a_pi
 
 @pytest.mark.parametrize(
     "effects, chosen",
-    [({"lr 0.03": -0.02, "cooldown 0.6": -0.01, "lr 0.013": 0.01}, "lr 0.03"),
-     ({"lr 0.03": 0.01, "cooldown 0.6": 0.02, "lr 0.013": 0.001}, None)],
+    [
+        # lr 0.03 helps most, cooldown 0.6 helps too and helps again on top of it
+        ({"lr 0.03": -0.02, "cooldown 0.6": -0.01, "lr 0.013": 0.01, "lr 0.03 cooldown 0.6": -0.03},
+         ["lr 0.03", "cooldown 0.6"]),
+        # cooldown 0.6 helps alone but not on top of lr 0.03; lr 0.045 helped too but sets the same field
+        ({"lr 0.03": -0.02, "cooldown 0.6": -0.01, "lr 0.045": -0.01, "lr 0.03 cooldown 0.6": -0.015}, ["lr 0.03"]),
+        ({"lr 0.03": 0.01, "cooldown 0.6": 0.02, "lr 0.013": 0.001}, []),
+    ],
 )  # fmt: skip
-def test_tune_takes_the_variant_that_helps_most_or_none(effects, chosen):
+def test_tune_takes_the_changes_that_help_greedily(effects, chosen, monkeypatch):
+    tunes = {name: bench.TUNES[name] for name in effects if len(name.split()) == 2}  # the single changes
+    monkeypatch.setattr(bench, "TUNES", tunes)
     label, flags = "new", {"recipe": "modern-v1", "lr": 0.02}
     execute = fake_execute({label: 0.0, **{f"{label} {name}": e for name, e in effects.items()}})
-    out = []
-    tuned_label, tuned_flags = bench.tune(execute, label, flags, bench_args(), out)
-    if chosen is None:
-        assert (tuned_label, tuned_flags) == (label, flags)
-    else:
-        assert tuned_label == f"{label} {chosen}"
-        assert tuned_flags == {**flags, **bench.TUNES[chosen][1]}
+    tuned_label, tuned_flags = bench.tune(execute, label, flags, bench_args(), [])
+    assert tuned_label == " ".join([label, *chosen])
+    assert tuned_flags == {**flags, **{k: v for name in chosen for k, v in tunes[name][1].items()}}
