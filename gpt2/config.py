@@ -159,7 +159,7 @@ DATA_LAYOUTS = ("windows", "documents")
 SCHEDULES = ("cosine", "wsd")
 PARALLEL = ("ddp", "fsdp")  # how the model is spread over the processes (gpt2.parallel)
 ADAMW_LR = 6e-4  # GPT-3 Small's AdamW rate (the hidden matrices under --optimizer adamw)
-MUON_LR = 0.02  # torch.optim.Muon's rate for the hidden matrices: modern-v1's (bench/bench_recipe.py); modern tunes it
+MUON_LR = 0.02  # torch.optim.Muon's rate for the hidden matrices (the modern recipe's, bench/bench_recipe.py)
 SIZE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # with the block: the architecture
 # Recipe name -> the function returning its complete config (defined below TrainConfig, which they build).
 RECIPES: dict[str, Callable[[], TrainConfig]] = {}
@@ -422,11 +422,10 @@ def modern_recipe() -> TrainConfig:
     the first 3 were close; README "Recipes", bench/bench_recipe.py): Muon with Polar Express coefficients and
     NorMuon's neuron-wise normalisation (beta2 0.95), on q, k and v as three matrices; document-masked attention
     with short/long windows alternating (short: a quarter of the context); one value-embedding table (the first
-    and the last layer). Then tuned with them the same way: Muon (and the value-embedding gates) at 0.03, the
-    cooldown over the last 25% of the run. Left out as measured: U-net skips and document-aligned rows (worse)."""
+    and the last layer). Left out as measured: U-net skips and document-aligned rows (worse)."""
     return replace(
         modern_v1_recipe(), recipe="modern", muon_polar_express=True, normuon_beta2=0.95, split_qkv=True,
-        doc_mask=True, window_pattern="SL", short_window=0, value_embeds=1, lr=0.03, cooldown_frac=0.25,
+        doc_mask=True, window_pattern="SL", short_window=0, value_embeds=1,
     )  # fmt: skip
 
 

@@ -68,7 +68,7 @@ def test_a_recipe_is_complete_and_concretely_typed(recipe):
 def test_the_command_line_defaults_and_help_are_the_chosen_recipes():
     assert parse(TrainConfig, ["--recipe", "modern"], prog="t", factory=train_config) == modern_recipe()
     shown = build_parser(TrainConfig, prog="t", defaults=modern_recipe()).format_help()
-    assert "(default: 0.03)" in shown and "(default: 0.3)" in shown  # Muon's and the embeddings' rates
+    assert "(default: 0.02)" in shown and "(default: 0.3)" in shown  # Muon's and the embeddings' rates
     assert "(default: 0.0006)" in build_parser(TrainConfig, prog="t", defaults=gpt2_recipe()).format_help()
 
 
