@@ -26,9 +26,9 @@ In order of priority:
    both ran) than its best single piece, pieces are dropped greedily (each step drops the piece whose removal gives
    the lowest loss) until it is not. tune: that combination with its cooldown or Muon's rate changed (``TUNES``,
    against itself at ``--fraction``), greedily: the change that helps most joins it, then those that helped too
-   and change other fields are tried on top, until none helps. Then the new modern at each of ``--budgets`` (each
-   a complete run: its schedule ends within its own budget),
-   and where it crosses modern-v1's full-budget loss and the gpt2 recipe's best (where its mean difference from
+   and change other fields are tried on top, until none helps; kept only if it helps at the full budget too. Then
+   the new modern at each of ``--budgets`` (each a complete run: its schedule ends within its own budget), and
+   where it crosses modern-v1's full-budget loss and the gpt2 recipe's best (where its mean difference from
    them over the seeds both ran reaches 0, linear between budgets), with the one-sided p-value of the budget just
    past the crossing against that target.
 5. ablation: modern-v1 with one of its pieces switched back, at ``--fraction`` (one-sided: does switching it back
@@ -504,8 +504,10 @@ def tune(
     """The new modern tuned greedily: in each round, variants (``TUNES``) against the new modern so far at
     ``--fraction``; the one that lowers its loss most, if any does at one-sided paired p < ``--alpha``, joins it.
     The first round tries every variant, the next ones those that helped in the round before and change other
-    fields. Returns the tuned label and flags."""
-    b, fraction, candidates = args.bench, args.fraction, list(TUNES)
+    fields. A schedule and a rate chosen at part of the budget need not suit the whole of it, so the tuned new
+    modern is kept only if it is also lower at the full budget (one-sided paired p < ``--alpha``). Returns the
+    label and flags of the new modern, tuned or not."""
+    b, fraction, candidates, untuned = args.bench, args.fraction, list(TUNES), (label, flags)
     while candidates:
         base_runs = runs(label, b, fraction, args.seeds, **flags)
         variants = {name: runs(f"{label} {name}", b, fraction, args.seeds, **{**flags, **TUNES[name][1]})
@@ -527,7 +529,20 @@ def tune(
         out.append(f"\nThe new modern takes {best} (of those that help: {', '.join(helpful)}).")
         label, flags = f"{label} {best}", {**flags, **TUNES[best][1]}
         candidates = [name for name in helpful if TUNES[name][1].keys().isdisjoint(TUNES[best][1])]
-    return label, flags
+    if label == untuned[0]:
+        return label, flags
+    base_runs = runs(untuned[0], b, 1.0, args.seeds, **untuned[1])
+    tuned_runs = settle(execute, {label: runs(label, b, 1.0, args.seeds, **flags)},
+                        stats(execute(base_runs), base_runs), "less", args.alpha, args.close_seeds)[label]  # fmt: skip
+    base_runs = reseed(base_runs, len(tuned_runs))
+    results = execute([*base_runs, *tuned_runs])
+    base, tuned = stats(results, base_runs), stats(results, tuned_runs)
+    out += ["", "The tuned new modern at the full budget, against the untuned one:", ""]
+    out += comparison_table(base, [(label, tuned)], "less", "configuration")
+    if gap(tuned, base) < 0 and paired(tuned, base, "less") < args.alpha:
+        return label, flags
+    out.append("\nThe tuning does not hold at the full budget: the new modern stays untuned.")
+    return untuned
 
 
 def bench(args: argparse.Namespace, execute: Executor) -> list[str]:

@@ -59,12 +59,16 @@ def loss(label: str, effect: float, seed: int) -> float:
     return 6.0 + effect + SEED_SHIFT[seed] + random.Random(f"{label} {seed}").uniform(-0.002, 0.002)
 
 
-def fake_execute(effects: dict[str, float]):
-    """An executor whose run of a configuration labelled L under seed k ends at ``loss(L, effects[L], k)``."""
+def fake_execute(effects: dict[str, float], full_budget: dict[str, float] | None = None):
+    """An executor whose run of a configuration labelled L under seed k ends at ``loss(L, effects[L], k)``, or
+    with the effect ``full_budget[L]`` where it runs the full budget (2 steps in ``bench_args``)."""
+
+    def effect(run):
+        return (full_budget or {}).get(run.label, effects[run.label]) if run.steps == 2 else effects[run.label]
 
     def execute(todo):
-        return {run.key: {"final_val": loss(run.label, effects[run.label], run.seed), "diverged": None,
-                          "seed": run.seed, "tokens": 0} for run in todo}  # fmt: skip
+        return {run.key: {"final_val": loss(run.label, effect(run), run.seed), "diverged": None, "seed": run.seed,
+                          "tokens": 0} for run in todo}  # fmt: skip
 
     return execute
 
@@ -99,13 +103,17 @@ def test_a_combination_worse_than_its_best_piece_under_the_same_seeds_drops_a_pi
         # cooldown 0.6 helps alone but not on top of lr 0.03; lr 0.045 helped too but sets the same field
         ({"lr 0.03": -0.02, "cooldown 0.6": -0.01, "lr 0.045": -0.01, "lr 0.03 cooldown 0.6": -0.015}, ["lr 0.03"]),
         ({"lr 0.03": 0.01, "cooldown 0.6": 0.02, "lr 0.013": 0.001}, []),
+        # lr 0.03 helps at half the budget, not at the full one
+        ({"lr 0.03": -0.02, "lr 0.013": 0.01, "full lr 0.03": 0.01}, []),
     ],
 )  # fmt: skip
-def test_tune_takes_the_changes_that_help_greedily(effects, chosen, monkeypatch):
+def test_tune_takes_the_changes_that_help_greedily_and_at_the_full_budget(effects, chosen, monkeypatch):
     tunes = {name: bench.TUNES[name] for name in effects if len(name.split()) == 2}  # the single changes
     monkeypatch.setattr(bench, "TUNES", tunes)
     label, flags = "new", {"recipe": "modern-v1", "lr": 0.02}
-    execute = fake_execute({label: 0.0, **{f"{label} {name}": e for name, e in effects.items()}})
+    full = {f"{label} {name.removeprefix('full ')}": e for name, e in effects.items() if name.startswith("full ")}
+    halves = {f"{label} {name}": e for name, e in effects.items() if not name.startswith("full ")}
+    execute = fake_execute({label: 0.0, **halves}, full)
     tuned_label, tuned_flags = bench.tune(execute, label, flags, bench_args(), [])
     assert tuned_label == " ".join([label, *chosen])
     assert tuned_flags == {**flags, **{k: v for name in chosen for k, v in tunes[name][1].items()}}
