@@ -464,6 +464,20 @@ def settle(
     return groups
 
 
+def lower_than(
+    execute: Callable[[list[Run]], dict[str, dict[str, Any]]],
+    base_runs: list[Run],
+    groups: dict[Any, list[Run]],
+    args: Any,
+) -> tuple[Stats, dict[Any, Stats]]:
+    """``groups`` settled against ``base_runs`` (one-sided: lower than it), the base given as many seeds as the
+    largest group so that every seed is paired; the statistics of the base and of each group."""
+    groups = settle(execute, groups, stats(execute(base_runs), base_runs), "less", args.alpha, args.close_seeds)
+    base_runs = reseed(base_runs, max(len(todo) for todo in groups.values()))
+    results = execute([*base_runs, *(r for todo in groups.values() for r in todo)])
+    return stats(results, base_runs), {key: stats(results, todo) for key, todo in groups.items()}
+
+
 def new_modern_pieces(
     execute: Callable[[list[Run]], dict[str, dict[str, Any]]],
     singles: dict[str, Stats],
@@ -509,14 +523,9 @@ def tune(
     label and flags of the new modern, tuned or not."""
     b, fraction, candidates, untuned = args.bench, args.fraction, list(TUNES), (label, flags)
     while candidates:
-        base_runs = runs(label, b, fraction, args.seeds, **flags)
         variants = {name: runs(f"{label} {name}", b, fraction, args.seeds, **{**flags, **TUNES[name][1]})
                     for name in candidates}  # fmt: skip
-        variants = settle(execute, variants, stats(execute(base_runs), base_runs), "less", args.alpha,
-                          args.close_seeds)  # fmt: skip
-        base_runs = reseed(base_runs, max(len(todo) for todo in variants.values()))  # pairs for the extra seeds
-        results = execute([*base_runs, *(r for todo in variants.values() for r in todo)])
-        base, tuned = stats(results, base_runs), {name: stats(results, todo) for name, todo in variants.items()}
+        base, tuned = lower_than(execute, runs(label, b, fraction, args.seeds, **flags), variants, args)
         out += ["", f"### Tuning the new modern at {fraction:.0%} of the budget: {label} with one change", "",
                 "One-sided p: H1 the change lowers the mean final val loss.", ""]  # fmt: skip
         out += comparison_table(base, [(f"{name}: {TUNES[name][0]}", s) for name, s in tuned.items()], "less",
@@ -531,12 +540,9 @@ def tune(
         candidates = [name for name in helpful if TUNES[name][1].keys().isdisjoint(TUNES[best][1])]
     if label == untuned[0]:
         return label, flags
-    base_runs = runs(untuned[0], b, 1.0, args.seeds, **untuned[1])
-    tuned_runs = settle(execute, {label: runs(label, b, 1.0, args.seeds, **flags)},
-                        stats(execute(base_runs), base_runs), "less", args.alpha, args.close_seeds)[label]  # fmt: skip
-    base_runs = reseed(base_runs, len(tuned_runs))
-    results = execute([*base_runs, *tuned_runs])
-    base, tuned = stats(results, base_runs), stats(results, tuned_runs)
+    base, full = lower_than(execute, runs(untuned[0], b, 1.0, args.seeds, **untuned[1]),
+                            {label: runs(label, b, 1.0, args.seeds, **flags)}, args)  # fmt: skip
+    tuned = full[label]
     out += ["", "The tuned new modern at the full budget, against the untuned one:", ""]
     out += comparison_table(base, [(label, tuned)], "less", "configuration")
     if gap(tuned, base) < 0 and paired(tuned, base, "less") < args.alpha:
