@@ -539,7 +539,7 @@ def tune(
         label, flags = f"{label} {best}", {**flags, **TUNES[best][1]}
         candidates = [name for name in helpful if TUNES[name][1].keys().isdisjoint(TUNES[best][1])]
     if label == untuned[0]:
-        return label, flags
+        return untuned
     base, full = lower_than(execute, runs(untuned[0], b, 1.0, args.seeds, **untuned[1]),
                             {label: runs(label, b, 1.0, args.seeds, **flags)}, args)  # fmt: skip
     tuned = full[label]
@@ -668,16 +668,15 @@ def report_budgets(budgets: dict[float, Stats], v1: Stats, gpt2: Stats) -> list[
             out.append(f"\nThe new modern never reaches {name} within the budgets measured.")
             continue
         f, s = sorted(budgets.items())[index]
+        evidence = (f"Δ {gap(s, target):+.4f}, one-sided paired p = {p_text(paired(s, target, 'less'))}, "
+                    f"Welch p = {p_text(welch(s, target, 'less'))}.")  # fmt: skip
         if index == 0:
             out.append(f"\n**The new modern is below {name} already at the smallest budget measured ({f:.3f})**: "
-                       f"Δ {gap(s, target):+.4f}, one-sided paired p = {p_text(paired(s, target, 'less'))}, "
-                       f"Welch p = {p_text(welch(s, target, 'less'))}.")  # fmt: skip
+                       + evidence)  # fmt: skip
             continue
         out.append(f"\n**The new modern reaches {name} at {where:.3f} of the budget** (its mean difference over "
                    f"the seeds both ran, linear between budgets); at the budget past the crossing ({f:.3f}): "
-                   f"Δ {gap(s, target):+.4f}, one-sided "
-                   f"paired p = {p_text(paired(s, target, 'less'))}, "
-                   f"Welch p = {p_text(welch(s, target, 'less'))}.")  # fmt: skip
+                   + evidence)  # fmt: skip
     return out
 
 

@@ -9,6 +9,7 @@ import math
 import random
 import statistics
 import sys
+from types import SimpleNamespace
 
 import pytest
 from scipy.stats import t as student
@@ -74,8 +75,6 @@ def fake_execute(effects: dict[str, float], full_budget: dict[str, float] | None
 
 
 def bench_args():
-    from types import SimpleNamespace
-
     scale = bench.Scale(1, 64, 32, 1, 32, 64, 32, 1)
     return SimpleNamespace(bench=scale, fraction=0.5, seeds=3, alpha=0.05, close_seeds=5)
 
