@@ -246,6 +246,11 @@ class TrainConfig:
     lr: float = option(help="peak learning rate of the hidden matrices (recipe)")
     embed_lr: float | None = option(help="peak learning rate of the embeddings (recipe; unset: --lr)")
     head_lr: float | None = option(help="peak learning rate of an untied head (recipe; unset: --lr)")
+    lr_width: int = option(
+        help="the width (--n-embd) at which --embed-lr and --head-lr are meant; at another width both are scaled by "
+        "sqrt(lr_width / n_embd), AdamW's rates falling with the width as nanochat scales them; 0: the same at "
+        "every width (recipe)"
+    )
     gains_lr: float | None = option(help="peak learning rate of biases and norm gains (recipe; unset: --lr)")
     min_lr: float = option(help="--lr at the end of the schedule; other groups end at the same fraction (recipe)")
     schedule: str = option(
@@ -310,7 +315,7 @@ class TrainConfig:
                     "collective_timeout")  # fmt: skip
         non_negative = ("warmup_steps", "eval_every", "val_tokens", "sample_every", "hellaswag_every",
                         "save_every", "keep_last", "seed", "grad_clip", "weight_decay", "min_lr", "rope_theta",
-                        "logit_softcap", "short_window", "value_embeds", "normuon_beta2")  # fmt: skip
+                        "logit_softcap", "short_window", "value_embeds", "normuon_beta2", "lr_width")  # fmt: skip
         for name in positive + ("micro_batch", "embed_lr", "head_lr", "gains_lr", "hellaswag_limit"):  # None: unset
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -398,9 +403,9 @@ def gpt2_recipe() -> TrainConfig:
     715 warmup steps, then cosine to 10%."""
     return TrainConfig(
         recipe="gpt2", **PRESETS["gpt2"], **GPT2_BLOCK, data_layout="windows", optimizer="adamw", muon_ns_steps=5,
-        muon_polar_express=False, normuon_beta2=0.0, lr=ADAMW_LR, embed_lr=None, head_lr=None, gains_lr=None,
-        min_lr=6e-5, schedule="cosine", warmup_steps=715, warmup_frac=None, cooldown_frac=0.4, weight_decay=0.1,
-        beta1=0.9, beta2=0.95, eps=1e-8,
+        muon_polar_express=False, normuon_beta2=0.0, lr=ADAMW_LR, embed_lr=None, head_lr=None, lr_width=0,
+        gains_lr=None, min_lr=6e-5, schedule="cosine", warmup_steps=715, warmup_frac=None, cooldown_frac=0.4,
+        weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8,
     )  # fmt: skip
 
 

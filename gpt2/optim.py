@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -159,13 +160,17 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device_type: str) -> Optimize
     defaults every group runs at ``--lr``. ``muon``: ``torch.optim.Muon`` (momentum 0.95, Nesterov, 5
     Newton-Schulz steps) orthogonalises the update of each hidden matrix (q, k and v one by one where the model
     splits them); AdamW takes the embeddings, the head and the gains, which are not matrices acting on the
-    residual stream, refined where the run asks for it (Polar Express, NorMuon). Both see the all-reduced gradient:
+    residual stream, refined where the run asks for it (Polar Express, NorMuon). ``--lr-width`` scales the
+    embeddings' and the head's rates to the model's width. Both see the all-reduced gradient:
     DDP averages it during backward, before any step (FSDP reduce-scatters it: each rank sees its shard).
     """
     rate = lambda lr: cfg.lr if lr is None else lr  # noqa: E731 - a group without its own rate takes --lr
+    # Adam moves every weight by about lr, so a logit (a sum over the width) moves by about lr * sqrt(width): rates
+    # tuned at one width carry to another scaled by 1/sqrt(width), as nanochat scales the head and the embedding.
+    width_scale = math.sqrt(cfg.lr_width / model.config.n_embd) if cfg.lr_width else 1.0
     adam_specs = {
-        "embeddings": GroupSpec(rate(cfg.embed_lr), cfg.weight_decay),
-        "head": GroupSpec(rate(cfg.head_lr), cfg.weight_decay),
+        "embeddings": GroupSpec(rate(cfg.embed_lr) * width_scale, cfg.weight_decay),
+        "head": GroupSpec(rate(cfg.head_lr) * width_scale, cfg.weight_decay),
         "gains": GroupSpec(rate(cfg.gains_lr), 0.0),
     }
     if cfg.optimizer == "adamw":

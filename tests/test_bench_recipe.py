@@ -93,21 +93,26 @@ def test_a_combination_worse_than_its_best_piece_under_the_same_seeds_drops_a_pi
     assert "dropped normuon" in out[-1]
 
 
+TUNES = {name: (name, {name.split()[0]: float(name.split()[1])}) for name in
+         ("lr 0.013", "lr 0.03", "lr 0.045", "cooldown_frac 0.6")}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "effects, chosen",
     [
-        # lr 0.03 helps most, cooldown 0.6 helps too and helps again on top of it
-        ({"lr 0.03": -0.02, "cooldown 0.6": -0.01, "lr 0.013": 0.01, "lr 0.03 cooldown 0.6": -0.03},
-         ["lr 0.03", "cooldown 0.6"]),
-        # cooldown 0.6 helps alone but not on top of lr 0.03; lr 0.045 helped too but sets the same field
-        ({"lr 0.03": -0.02, "cooldown 0.6": -0.01, "lr 0.045": -0.01, "lr 0.03 cooldown 0.6": -0.015}, ["lr 0.03"]),
-        ({"lr 0.03": 0.01, "cooldown 0.6": 0.02, "lr 0.013": 0.001}, []),
+        # lr 0.03 helps most, cooldown_frac 0.6 helps too and helps again on top of it
+        ({"lr 0.03": -0.02, "cooldown_frac 0.6": -0.01, "lr 0.013": 0.01, "lr 0.03 cooldown_frac 0.6": -0.03},
+         ["lr 0.03", "cooldown_frac 0.6"]),
+        # cooldown_frac 0.6 helps alone but not on top of lr 0.03; lr 0.045 helped too but sets the same field
+        ({"lr 0.03": -0.02, "cooldown_frac 0.6": -0.01, "lr 0.045": -0.01, "lr 0.03 cooldown_frac 0.6": -0.015},
+         ["lr 0.03"]),
+        ({"lr 0.03": 0.01, "cooldown_frac 0.6": 0.02, "lr 0.013": 0.001}, []),
         # lr 0.03 helps at half the budget, not at the full one
         ({"lr 0.03": -0.02, "lr 0.013": 0.01, "full lr 0.03": 0.01}, []),
     ],
 )  # fmt: skip
 def test_tune_takes_the_changes_that_help_greedily_and_at_the_full_budget(effects, chosen, monkeypatch):
-    tunes = {name: bench.TUNES[name] for name in effects if len(name.split()) == 2}  # the single changes
+    tunes = {name: TUNES[name] for name in effects if name in TUNES}  # the single changes
     monkeypatch.setattr(bench, "TUNES", tunes)
     label, flags = "new", {"recipe": "modern-v1", "lr": 0.02}
     full = {f"{label} {name.removeprefix('full ')}": e for name, e in effects.items() if name.startswith("full ")}

@@ -76,6 +76,16 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(synthetic, tmp_path, 
     assert n == model.num_params()
 
 
+@pytest.mark.parametrize("lr_width, scale", [(0, 1.0), (64, 1.0), (256, 2.0), (16, 0.5)])
+def test_lr_width_scales_the_embedding_and_head_rates_by_the_root_of_the_width_ratio(synthetic, tmp_path, lr_width,
+                                                                                    scale):  # fmt: skip
+    cfg = tiny(synthetic, tmp_path, recipe="modern", n_embd=64, lr_width=lr_width)  # 0: no scaling at any width
+    opt = build_optimizers(GPT(cfg.model_config()), cfg, "cpu")
+    rates = {g["name"]: g["base_lr"] for g in opt.param_groups}
+    assert rates == pytest.approx({"embeddings": 0.3 * scale, "head": 0.006 * scale, "gains": 0.02,
+                                   "matrices": 0.02})  # fmt: skip
+
+
 def test_wsd_warms_up_holds_and_cools_down_to_the_end_of_any_budget():
     kw = dict(warmup_steps=0, max_steps=108, min_lr_ratio=0.0, schedule="wsd", cooldown_frac=0.4)
     values = [lr_multiplier(s, **kw) for s in range(109)]
