@@ -447,21 +447,24 @@ def plot(path: Path, curves: dict[str, list[dict[str, Any]]], title: str, target
 
 def settle(
     execute: Callable[[list[Run]], dict[str, dict[str, Any]]],
+    base_runs: list[Run],
     groups: dict[Any, list[Run]],
-    base: Stats,
     alternative: str,
     alpha: float,
     seeds: int,
-) -> dict[Any, list[Run]]:
-    """``groups`` (configurations compared with ``base``), those whose p-value is close to ``alpha`` (within
-    [alpha / 5, 4 alpha)) with ``seeds`` seeds instead, and every run of them trained."""
-    results = execute([r for todo in groups.values() for r in todo])
+) -> tuple[list[Run], dict[Any, list[Run]]]:
+    """``base_runs`` and ``groups`` (configurations compared with the base), those whose p-value is close to
+    ``alpha`` (within [alpha / 5, 4 alpha)) with ``seeds`` seeds instead and the base with as many seeds as the
+    largest group, so that every seed is paired; every run of them trained."""
+    results = execute([*base_runs, *(r for todo in groups.values() for r in todo)])
+    base = stats(results, base_runs)
     close = [
         k for k, todo in groups.items() if alpha / 5 <= paired(stats(results, todo), base, alternative) < 4 * alpha
     ]
     groups = {k: reseed(todo, max(seeds, len(todo))) if k in close else todo for k, todo in groups.items()}
-    execute([r for todo in groups.values() for r in todo])
-    return groups
+    base_runs = reseed(base_runs, max(len(base_runs), *(len(todo) for todo in groups.values())))
+    execute([*base_runs, *(r for todo in groups.values() for r in todo)])
+    return base_runs, groups
 
 
 def lower_than(
@@ -470,10 +473,9 @@ def lower_than(
     groups: dict[Any, list[Run]],
     args: Any,
 ) -> tuple[Stats, dict[Any, Stats]]:
-    """``groups`` settled against ``base_runs`` (one-sided: lower than it), the base given as many seeds as the
-    largest group so that every seed is paired; the statistics of the base and of each group."""
-    groups = settle(execute, groups, stats(execute(base_runs), base_runs), "less", args.alpha, args.close_seeds)
-    base_runs = reseed(base_runs, max(len(todo) for todo in groups.values()))
+    """``groups`` settled against ``base_runs`` (one-sided: lower than it); the statistics of the base and of each
+    group."""
+    base_runs, groups = settle(execute, base_runs, groups, "less", args.alpha, args.close_seeds)
     results = execute([*base_runs, *(r for todo in groups.values() for r in todo)])
     return stats(results, base_runs), {key: stats(results, todo) for key, todo in groups.items()}
 
@@ -564,8 +566,8 @@ def bench(args: argparse.Namespace, execute: Executor) -> list[str]:
     best_lr = min(args.gpt2_lrs, key=lambda lr: sweep_losses[lr])
     gpt2 = runs(f"gpt2 lr {best_lr:g}", b, 1.0, args.seeds, recipe="gpt2", lr=best_lr, min_lr=best_lr / 10)
     results.update(execute(gpt2))
-    singles = settle(execute, singles, stats(results, v1_part), "less", args.alpha, args.close_seeds)
-    results.update(execute([r for todo in singles.values() for r in todo]))
+    v1_part, singles = settle(execute, v1_part, singles, "less", args.alpha, args.close_seeds)
+    results.update(execute([*v1_part, *(r for todo in singles.values() for r in todo)]))
     gpt2_stats, v1_stats, base = stats(results, gpt2), stats(results, v1_full), stats(results, v1_part)
     single_stats = {name: stats(results, todo) for name, todo in singles.items()}
     out = [f"## Bench: {b.n_layer} layers × {b.n_embd}, seq {b.seq_len}, budget {b.budget_tokens:,} tokens "
@@ -586,8 +588,10 @@ def bench(args: argparse.Namespace, execute: Executor) -> list[str]:
     _, past = crossing([(f, gap(stats(results, todo), v1_stats)) for f, todo in budgets.items()], 0.0)
     if past is not None and label != v1_full[0].label:  # the budget past the crossing: p < 0.01 is the target
         f = sorted(budgets)[past]
-        budgets.update(settle(execute, {f: budgets[f]}, v1_stats, "less", args.target_p, args.close_seeds))
-        results.update(execute(budgets[f]))
+        v1_full, settled = settle(execute, v1_full, {f: budgets[f]}, "less", args.target_p, args.close_seeds)
+        budgets.update(settled)
+        results.update(execute([*v1_full, *budgets[f]]))
+        v1_stats = stats(results, v1_full)
     budget_stats = {todo[0].steps / b.steps(1.0): stats(results, todo) for todo in budgets.values()}
     out.append(f"New modern: {label}; flags {json.dumps(flags)}.\n")
     out += comparison_table(base, [(f"new modern at {fraction:.0%}", stats(results, budgets[fraction]))], "less",
@@ -598,8 +602,9 @@ def bench(args: argparse.Namespace, execute: Executor) -> list[str]:
     if "ablation" in args.sections:
         ablations = {name: runs(f"modern-v1-{name}", b, fraction, args.seeds, recipe="modern-v1",
                                 **ABLATIONS[name][1]) for name in ABLATIONS}  # fmt: skip
-        ablations = settle(execute, ablations, base, "greater", args.alpha, args.close_seeds)
-        results.update(execute([r for todo in ablations.values() for r in todo]))
+        v1_part, ablations = settle(execute, v1_part, ablations, "greater", args.alpha, args.close_seeds)
+        results.update(execute([*v1_part, *(r for todo in ablations.values() for r in todo)]))
+        base = stats(results, v1_part)
         out += ["", f"### Ablation: modern-v1 with one piece switched back, at {fraction:.0%} of the budget", "",
                 "One-sided p: H1 switching the piece back raises the mean final val loss.", ""]  # fmt: skip
         out += comparison_table(base, [(ABLATIONS[n][0], stats(results, todo)) for n, todo in ablations.items()],

@@ -121,3 +121,19 @@ def test_tune_takes_the_changes_that_help_greedily_and_at_the_full_budget(effect
     tuned_label, tuned_flags = bench.tune(execute, label, flags, bench_args(), [])
     assert tuned_label == " ".join([label, *chosen])
     assert tuned_flags == {**flags, **{k: v for name in chosen for k, v in tunes[name][1].items()}}
+
+
+def test_settle_gives_a_close_comparison_more_seeds_and_its_base_as_many():
+    # paired differences from the base: "close" -0.01, -0.001, -0.004 (one-sided p 0.10: within [alpha/5, 4 alpha)),
+    # "clear" about -0.05 (p < alpha/5); seeds past the third: the same differences as the first
+    offsets = {"base": [0.0] * 3, "close": [-0.01, -0.001, -0.004], "clear": [-0.05, -0.051, -0.049]}
+
+    def execute(todo):
+        return {r.key: {"final_val": 6.0 + SEED_SHIFT[r.seed] + offsets[r.label][(r.seed - 1337) % 3],
+                        "diverged": None, "seed": r.seed, "tokens": 0} for r in todo}  # fmt: skip
+
+    scale = bench_args().bench
+    groups = {name: bench.runs(name, scale, 0.5, 3) for name in ("close", "clear")}
+    base_runs, settled = bench.settle(execute, bench.runs("base", scale, 0.5, 3), groups, "less", 0.05, 5)
+    assert [len(settled["close"]), len(settled["clear"]), len(base_runs)] == [5, 3, 5]
+    assert {r.seed for r in base_runs} == {r.seed for r in settled["close"]}  # every seed of it paired
