@@ -24,7 +24,7 @@ In order of priority:
    ``--close-seeds`` seeds before it is decided (and its reference as many, where the reference is not modern-v1).
 4. new modern: modern-v1 + every piece that helps. If that combination is worse (a higher loss over the seeds
    both ran) than its best single piece, pieces are dropped greedily (each step drops the piece whose removal gives
-   the lowest loss) until it is not. tune: that combination with one setting changed (``TUNES``,
+   the lowest loss) until it is not. tune: that combination with one more change (``TUNES``,
    against itself at ``--fraction``), greedily: the change that helps most joins it, then those that helped too
    and change other fields are tried on top, until none helps; kept only if it helps at the full budget too. Then
    the new modern at each of ``--budgets`` (each a complete run: its schedule ends within its own budget), and
@@ -96,14 +96,15 @@ PIECES: dict[str, tuple[str, dict[str, Any]]] = {
     "normuon": ("NorMuon, beta2 0.95", dict(normuon_beta2=0.95)),
 }  # fmt: skip
 
-# the new modern with one setting changed, where modern-v1's choice was made without the new pieces or at another
-# width: name -> (what it is, its flags). Only changes whose effect need not grow or shrink with the run's length
-# are tuned at part of the budget: a higher Muon rate (0.03) and a shorter cooldown (25%) lowered the loss at 50% of
-# it (p 0.0034, 0.023) and raised it at 100% (README "Recipes").
+# the new modern with one more change (a setting modern-v1 chose without the new pieces or at another width, or a
+# piece taken up since): name -> (what it is, its flags). Only changes whose effect need not grow or shrink with the
+# run's length are tuned at part of the budget: a higher Muon rate (0.03) and a shorter cooldown (25%) lowered the
+# loss at 50% of it (p 0.0034, 0.023) and raised it at 100% (README "Recipes").
 TUNES: dict[str, tuple[str, dict[str, Any]]] = {
     "lr_width 768": ("embedding and head rates scaled from width 768 (x1.73 at 256)", dict(lr_width=768)),
     "value_embeds 2": ("two value-embedding tables: every layer of four (one)", dict(value_embeds=2)),
     "softcap 15": ("logits soft-capped at 15 (off)", dict(logit_softcap=15.0)),
+    "x0_mix": ("x0 mix: block i's input a_i x + b_i x0, learned (nanochat)", dict(x0_mix=True)),
 }
 
 # modern-v1 with one of its pieces switched back to GPT-2's: name -> (what it is, its flags)

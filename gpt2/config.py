@@ -56,6 +56,7 @@ class GPTConfig:
     short_window: int = 0  # the keys an S layer's query sees, itself included; 0: a quarter of block_size
     value_embeds: int = 0  # k tables of value embeddings, added (gated) to V in the first k and the last k layers
     unet_skips: bool = False  # block i's output is added, with a learned weight, to the input of block n_layer-1-i
+    x0_mix: bool = False  # block i's input is a_i x + b_i x0, x0 the first block's input; a_i, b_i learned (nanochat)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -141,7 +142,7 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2")
 MODERN_FIELDS = ("rope_theta", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init", "logit_softcap", "bias")
 # The second generation's switches (not in the v1 recipes; eot_id matters only with doc_mask).
-SPEEDRUN_FIELDS = ("split_qkv", "doc_mask", "window_pattern", "short_window", "value_embeds", "unet_skips")
+SPEEDRUN_FIELDS = ("split_qkv", "doc_mask", "window_pattern", "short_window", "value_embeds", "unet_skips", "x0_mix")
 
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -218,6 +219,10 @@ class TrainConfig:
         "layers (recipe)"
     )
     unet_skips: bool = option(help="block i's output, with a learned weight, into block n_layer-1-i's input (recipe)")
+    x0_mix: bool = option(
+        help="block i's input is a_i x + b_i x0, x0 the first block's input (the normed embedding), a_i and b_i "
+        "learned from 1 and 0.1 (recipe)"
+    )
     init_from: str | None = option(None, "start from pretrained weights: a hub id (gpt2 ... gpt2-xl) or a HF directory")
     seq_len: int = option(1024, "tokens per training sequence")
     data_layout: str = option(

@@ -230,6 +230,9 @@ class GPT(nn.Module):
             )
         if config.unet_skips:  # weight of block i's output in the input of block n_layer - 1 - i (speedrun)
             self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
+        if config.x0_mix:  # every block also sees the embedding directly, with its own weights (nanochat)
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -318,9 +321,12 @@ class GPT(nn.Module):
         ve_layers, windows, n = cfg.value_embed_layers, cfg.windows, cfg.n_layer
         n_skips = n // 2 if cfg.unet_skips else 0
         skips = []  # U-net: the outputs of the first n_skips blocks, fed to their mirror images
+        x0 = x
         for i, block in enumerate(self.transformer.h):
             if i >= n - n_skips:
                 x = x + self.skip_weights[n - 1 - i] * skips.pop()
+            if cfg.x0_mix:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             x = block(x, rope, masks[windows[i]], tables[ve_layers[i]] if i in ve_layers else None)
             if i < n_skips:
                 skips.append(x)

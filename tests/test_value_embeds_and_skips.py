@@ -1,5 +1,6 @@
-"""Value embeddings and U-net skips against the formulas written out here; every new parameter in a sensible optimizer
-role; the FLOP count with windows and lookups; the switches recorded in checkpoints and refused by the GPT-2 export."""
+"""Value embeddings, U-net skips and the x0 mix against the formulas written out here; every new parameter in a
+sensible optimizer role; the FLOP count with windows and lookups; the switches recorded in checkpoints and refused
+by the GPT-2 export."""
 
 from __future__ import annotations
 
@@ -83,6 +84,25 @@ def test_unet_skips_feed_each_first_half_output_to_its_mirror_block(n_layer):
     torch.testing.assert_close(model.hidden(idx), model.transformer.ln_f(out), atol=1e-6, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_x0_mix_gives_each_block_its_weighted_input_plus_its_weighted_embedding():
+    torch.manual_seed(2)
+    model = GPT(tiny_config(**MODERN, n_layer=3, x0_mix=True))
+    assert torch.equal(model.resid_lambdas, torch.ones(3))  # starts as the plain residual stream...
+    assert torch.equal(model.x0_lambdas, torch.full((3,), 0.1))  # ...with a little of the embedding in each block
+    model.resid_lambdas.normal_()
+    model.x0_lambdas.normal_()
+    idx = torch.randint(0, 50257, (2, 12))
+    rope = model.transformer.rotary(torch.arange(12))
+    a, b = model.resid_lambdas, model.x0_lambdas
+    x0 = x = F.rms_norm(model.transformer.wte(idx), (32,))
+    for i, block in enumerate(model.transformer.h):
+        x = block(a[i] * x + b[i] * x0, rope)
+    torch.testing.assert_close(model.hidden(idx), model.transformer.ln_f(x), atol=1e-6, rtol=1e-5)
+    roles = params_by_role(model)
+    assert {id(p) for p in roles["gains"]} == {id(model.resid_lambdas), id(model.x0_lambdas)}  # AdamW, no decay
+
+
 def test_every_new_parameter_has_one_sensible_role_and_muon_takes_only_matrices():
     model = speedrun_model()
     roles = params_by_role(model)
@@ -124,7 +144,13 @@ def test_switches_are_recorded_in_checkpoints_and_refused_by_the_gpt2_export(tmp
     idx = torch.randint(0, 50257, (2, 20))
     idx[:, 7] = 50256
     assert torch.equal(loaded(idx)[0], model(idx)[0])
-    for piece in (dict(split_qkv=True), dict(doc_mask=True), dict(window_pattern="SL"), dict(unet_skips=True)):
+    for piece in (
+        dict(split_qkv=True),
+        dict(doc_mask=True),
+        dict(window_pattern="SL"),
+        dict(unet_skips=True),
+        dict(x0_mix=True),
+    ):
         assert GPTConfig(**piece).gpt2_compatible() == [f"{k}={v!r}" for k, v in piece.items()]
         with pytest.raises(UserError, match="GPT2LMHeadModel cannot hold this architecture"):
             export_hf(GPT(tiny_config(**piece)), tmp_path / "hf")
