@@ -220,8 +220,8 @@ class TrainConfig:
     )
     unet_skips: bool = option(help="block i's output, with a learned weight, into block n_layer-1-i's input (recipe)")
     x0_mix: bool = option(
-        help="block i's input is a_i x + b_i x0, x0 the first block's input (the normed embedding), a_i and b_i "
-        "learned from 1 and 0.1 (recipe)"
+        help="block i's input is a_i x + b_i x0, x0 the first block's input (the embedding, RMS-normed in the modern "
+        "block), a_i and b_i learned from 1 and 0.1 (recipe)"
     )
     init_from: str | None = option(None, "start from pretrained weights: a hub id (gpt2 ... gpt2-xl) or a HF directory")
     seq_len: int = option(1024, "tokens per training sequence")
@@ -252,9 +252,9 @@ class TrainConfig:
     embed_lr: float | None = option(help="peak learning rate of the embeddings (recipe; unset: --lr)")
     head_lr: float | None = option(help="peak learning rate of an untied head (recipe; unset: --lr)")
     lr_width: int = option(
-        help="the width (--n-embd) at which --embed-lr and --head-lr are meant; at another width both are scaled by "
-        "sqrt(lr_width / n_embd), AdamW's rates falling with the width as nanochat scales them; 0: the same at "
-        "every width (recipe)"
+        help="the width (--n-embd) at which --embed-lr and --head-lr are meant; at another width both (the "
+        "value-embedding tables' with the embedding's) are scaled by sqrt(lr_width / n_embd), as nanochat scales "
+        "them; 0: the same at every width (recipe)"
     )
     gains_lr: float | None = option(help="peak learning rate of biases and norm gains (recipe; unset: --lr)")
     min_lr: float = option(help="--lr at the end of the schedule; other groups end at the same fraction (recipe)")

@@ -26,7 +26,8 @@ bf16, 4 in fp32), ``W`` the world size.
   input in the modern block (4N), the token ids, and the loss: the fused loss (bf16, or a soft-cap) keeps the
   gradients it computes in forward, ``4N`` for the hidden states and ``4 x vocabulary x n_embd`` for the head; the plain
   fp32 loss keeps the log-softmax of every logit (``4 x tokens x vocab``). With activation checkpointing a block
-  keeps only its fp32 input (``4N``), and backward rebuilds one block at a time.
+  keeps only its fp32 input (``4N``), and backward rebuilds one block at a time. The x0 mix keeps each block's
+  input before the mix as well (``4N`` per block, either way).
 - **temporaries**: the larger of what lives only inside forward (one chunk of the fused loss,
   ``1024 rows x vocabulary x (4 + 2s)``, or the plain loss's logits and their gradient) and inside a block's
   backward (its activation gradients, ``8sN``, and with checkpointing the block being rebuilt).
@@ -170,6 +171,7 @@ def activation_bytes(config: GPTConfig, tokens: int, dtype: str, checkpointing: 
     memory until its backward. Under checkpointing a block saves only its fp32 input."""
     C, L = config.n_embd, config.n_layer
     blocks = L * tokens * C * 4 if checkpointing else L * block_activation_bytes(config, tokens, dtype)
+    blocks += L * tokens * C * 4 * config.x0_mix  # the x0 mix keeps each block's unmixed fp32 input (the first: x0)
     norm_stats = 4 * (2 if config.norm == "layernorm" else 1)
     embedding_norm = (C * 4 + norm_stats) * (config.norm == "rmsnorm")
     outside = tokens * (C * 4 + norm_stats + embedding_norm + 8)  # final norm's input, embedding norm's, ids

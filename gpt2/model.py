@@ -8,7 +8,8 @@ biases); ``--recipe modern`` turns them all on. Parameter names follow GPT-2 as 
 Conv1D matrices (see ``gpt2.hf``).
 
 The fields after ``bias`` add the speedrun's second generation, each off by default: separate q/k/v matrices,
-attention within documents only, short/long attention windows per layer, value embeddings and U-net skips.
+attention within documents only, short/long attention windows per layer, value embeddings, U-net skips and the
+x0 mix (each block's input mixed, with learned weights, with the embedding).
 Document and window masks are built once per forward pass and shared by the layers (see ``attention_masks``).
 """
 

@@ -165,8 +165,9 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device_type: str) -> Optimize
     DDP averages it during backward, before any step (FSDP reduce-scatters it: each rank sees its shard).
     """
     rate = lambda lr: cfg.lr if lr is None else lr  # noqa: E731 - a group without its own rate takes --lr
-    # Adam moves every weight by about lr, so a logit (a sum over the width) moves by about lr * sqrt(width): rates
-    # tuned at one width carry to another scaled by 1/sqrt(width), as nanochat scales the head and the embedding.
+    # nanochat's rule for rates tuned at one width: Adam moves every weight by about lr, so a logit (a sum over the
+    # width) moves by about lr * sqrt(width) where the updates' signs are random; scaled by 1/sqrt(width) it moves
+    # alike at every width (muP, which assumes aligned updates, scales the head by 1/width).
     width_scale = math.sqrt(cfg.lr_width / model.config.n_embd) if cfg.lr_width else 1.0
     adam_specs = {
         "embeddings": GroupSpec(rate(cfg.embed_lr) * width_scale, cfg.weight_decay),

@@ -100,11 +100,11 @@ if grep -q -- '--activation-checkpointing' <<<"$help"; then
   train_run "${first_recipe}_auto" "$first_recipe" auto
 fi
 # The second-generation pieces together (off in the recipes but for those the bench kept): document masks and
-# short/long windows through flex attention on CUDA, value embeddings, U-net skips, Muon on q, k, v apart; compiled,
-# with a val pass and a sample at the last step.
+# short/long windows through flex attention on CUDA, value embeddings, U-net skips, the x0 mix, Muon on q, k, v
+# apart; compiled, with a val pass and a sample at the last step.
 if grep -q -- '--window-pattern' <<<"$help"; then
   train_run "pieces_mb$first_micro_batch" modern-v1 "$first_micro_batch" --doc-mask --window-pattern SL \
-    --value-embeds 1 --unet-skips --split-qkv --eval-every "$STEPS" --sample-every "$STEPS"
+    --value-embeds 1 --unet-skips --x0-mix --split-qkv --eval-every "$STEPS" --sample-every "$STEPS"
 fi
 
 # 3. HellaSwag on the first run's checkpoint

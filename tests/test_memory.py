@@ -22,7 +22,8 @@ from gpt2.trainer import train
 
 MODERN = dict(rope_theta=10000.0, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False, zero_init=True,
               bias=False)  # fmt: skip
-CASES = [(arch, dtype, ac) for arch in ("gpt2", "modern") for dtype in ("fp32", "bf16") for ac in (False, True)]
+ARCHS = {"gpt2": {}, "modern": MODERN, "modern + x0 mix": {**MODERN, "x0_mix": True}}
+CASES = [(arch, dtype, ac) for arch in ARCHS for dtype in ("fp32", "bf16") for ac in (False, True)]
 
 
 def measure(config: GPTConfig, micro_batch: int, seq_len: int, dtype: str, checkpointing: bool, micro_steps: int = 1):
@@ -48,9 +49,7 @@ def test_planned_activations_are_what_autograd_saves(arch: str, dtype: str, chec
     """Held after forward: the activations the formula counts, plus autocast's bf16 copies of the block weights.
     Within 1% for every block variant, dtype and checkpointing setting (the formula is exact but for a few
     scalars and index tensors)."""
-    config = GPTConfig(
-        n_layer=3, n_head=4, n_embd=64, block_size=64, vocab_size=512, **(MODERN if arch != "gpt2" else {})
-    )
+    config = GPTConfig(n_layer=3, n_head=4, n_embd=64, block_size=64, vocab_size=512, **ARCHS[arch])
     saved, _ = measure(config, 4, 64, dtype, checkpointing)
     p = plan(config, micro_batch=4, seq_len=64, dtype=dtype, optimizer="adamw", activation_checkpointing=checkpointing)
     assert saved == pytest.approx(p.activations + p.compute_copies, rel=0.01)
@@ -62,9 +61,7 @@ def test_planned_peak_is_the_measured_peak_within_15_percent(arch: str, dtype: s
     """The peak of a step's own tensors over two accumulated micro-steps (the second forward runs while the first's
     gradients are held) against gradients + compute copies + activations + temporaries: measured within 0.89-1.08
     of the plan over these cases (tests/test_memory.py; bench/RESULTS.md for GPT-2 124M's process RSS)."""
-    config = GPTConfig(
-        n_layer=4, n_head=6, n_embd=384, block_size=256, vocab_size=512, **(MODERN if arch != "gpt2" else {})
-    )
+    config = GPTConfig(n_layer=4, n_head=6, n_embd=384, block_size=256, vocab_size=512, **ARCHS[arch])
     _, peak = measure(config, 4, 256, dtype, checkpointing, micro_steps=2)
     p = plan(config, micro_batch=4, seq_len=256, dtype=dtype, optimizer="adamw", activation_checkpointing=checkpointing)
     assert peak == pytest.approx(p.gradients + p.compute_copies + p.activations + p.temporaries, rel=0.15)

@@ -43,8 +43,9 @@ def muon_config(**overrides) -> SimpleNamespace:
     """The fields of a run's configuration that ``build_optimizers`` reads (Muon for the matrices, nothing else
     moving: the other groups get a zero learning rate)."""
     return SimpleNamespace(**{"optimizer": "muon", "lr": LR, "embed_lr": 0.0, "head_lr": 0.0, "gains_lr": 0.0,
-                              "weight_decay": 0.0, "beta1": 0.8, "beta2": 0.95, "eps": 1e-10, "muon_ns_steps": 5,
-                              "muon_polar_express": False, "normuon_beta2": 0.0, **overrides})  # fmt: skip
+                              "lr_width": 0, "weight_decay": 0.0, "beta1": 0.8, "beta2": 0.95, "eps": 1e-10,
+                              "muon_ns_steps": 5, "muon_polar_express": False, "normuon_beta2": 0.0,
+                              **overrides})  # fmt: skip
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:

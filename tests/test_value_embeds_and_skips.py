@@ -113,7 +113,13 @@ def test_every_new_parameter_has_one_sensible_role_and_muon_takes_only_matrices(
     assert named["embeddings"] == ["transformer.wte.weight", "value_embeds.0.weight"]  # lookups: AdamW
     assert named["head"] == ["lm_head.weight"]
     assert named["gains"] == sorted(  # scale a path rather than transform it: AdamW, no weight decay
-        ["skip_weights", "transformer.h.0.attn.ve_gate.weight", "transformer.h.3.attn.ve_gate.weight"]
+        [
+            "resid_lambdas",
+            "skip_weights",
+            "transformer.h.0.attn.ve_gate.weight",
+            "transformer.h.3.attn.ve_gate.weight",
+            "x0_lambdas",
+        ]
     )
     assert all(name.split(".")[-2] in ("c_q", "c_k", "c_v", "c_proj", "c_fc") for name in named["matrices"])
     assert len(named["matrices"]) == 4 * 6
