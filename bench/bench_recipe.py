@@ -38,8 +38,11 @@ In order of priority:
 How. Every run is ``gpt2.trainer.train`` (the pipeline itself), validating on the same fixed tokens (the first
 ``--val-tokens`` of the val shard) every ``--eval-every`` steps, in its own worker process (``--jobs`` at a time,
 one thread each: ``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)``). Each run's result is its own JSON file in
-``<work>/results/``, written atomically when the run ends, so an interrupted bench resumes where it stopped and
-parallel workers never write the same file. A run whose loss diverges is recorded as diverged and counted apart.
+``<work>/results/``, written atomically when the run ends, so parallel workers never write the same file and an
+interrupted bench resumes where it stopped: finished runs are read back, and a run cut short continues from its
+newest checkpoint (written when the bench is stopped, and every ``--save-every`` steps; the pipeline's resume is
+exact), so the long runs of ``confirm`` can span several sittings. A run whose loss diverges is recorded as
+diverged and counted apart.
 The report (markdown tables) goes to stdout and ``<work>/report.md``; the curves (val loss against tokens, mean
 over seeds with a ±sd band) to ``<work>/recipes.png`` and ``<work>/recipes_wide.png``.
 
@@ -196,8 +199,8 @@ def reseed(todo: list[Run], seeds: int) -> list[Run]:
 class Executor:
     """Trains runs in worker processes, ``jobs`` at a time, and reads their stored results back."""
 
-    def __init__(self, work: Path, data: Path, jobs: int) -> None:
-        self.work, self.data, self.jobs = work, data, jobs
+    def __init__(self, work: Path, data: Path, jobs: int, save_every: int = 0) -> None:
+        self.work, self.data, self.jobs, self.save_every = work, data, jobs, save_every
         self.live: set[subprocess.Popen] = set()
         self.stopping = False
         self.lock = threading.Lock()
@@ -242,15 +245,26 @@ class Executor:
             raise SystemExit(f"{len(failed)} runs failed: {', '.join(failed)}")
         return {run.key: self.stored(run) for run in todo}
 
-    def train(self, run: Run) -> dict[str, Any]:
-        """Train ``run`` in a worker process (one thread) and return its result."""
+    def prepare(self, run: Run) -> Path:
+        """The folder of ``run``'s attempts, with its spec: the one an earlier attempt at it left (its checkpoint
+        and log in ``train/``), or a new one."""
         folder = self.work / "runs" / run.key
-        shutil.rmtree(folder, ignore_errors=True)  # what an interrupted attempt left
-        folder.mkdir(parents=True)
         spec = folder / "spec.json"
-        spec.write_text(json.dumps({"run": vars(run), "data": str(self.data), "result": str(self.result_path(run))}))
+        wanted = {"run": vars(run), "data": str(self.data), "result": str(self.result_path(run))}
+        if not spec.exists() or json.loads(spec.read_text()) != wanted:
+            shutil.rmtree(folder, ignore_errors=True)  # what an attempt at another run left
+            folder.mkdir(parents=True)
+            atomic_write_text(spec, json.dumps(wanted))
+        return spec
+
+    def train(self, run: Run) -> dict[str, Any]:
+        """Train ``run`` in a worker process (one thread) and return its result. An attempt at the same run that was
+        interrupted continues from its newest checkpoint (the pipeline's resume is exact)."""
+        spec = self.prepare(run)
+        folder = spec.parent
+        settings = {"save_every": self.save_every}  # how to run it: not part of the run, so not in its spec
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        command = [sys.executable, os.path.abspath(__file__), "--worker", str(spec)]
+        command = [sys.executable, os.path.abspath(__file__), "--worker", str(spec), json.dumps(settings)]
         with open(folder / "output.txt", "w") as output:
             # its own session: a Ctrl-C of the bench reaches the workers through stop(), not twice
             with self.lock:
@@ -269,21 +283,29 @@ class Executor:
         return result
 
     def stop(self) -> None:
-        """Stop every worker: each finishes its step and exits without a result (its run restarts next time)."""
+        """Stop every worker: each finishes its step, writes a checkpoint and exits without a result (its run
+        continues from there next time)."""
         with self.lock:
             self.stopping = True
             for process in self.live:
                 process.send_signal(signal.SIGTERM)
 
 
-def worker(spec_path: Path) -> None:
-    """The worker process: train one run (one thread) and write its result atomically."""
+def run_config(run: Run, data: str, out: Path, save_every: int) -> Any:
+    """The training configuration of ``run``: its flags, length and seed, in ``out``, continuing from the newest
+    checkpoint there, writing one every ``save_every`` steps (0: only when stopped), keeping only the newest."""
+    flags = {**run.flags, "save_every": save_every, "keep_last": 1}
+    return train_config(data=data, out=str(out), max_steps=run.steps, seed=run.seed, resume="auto", **flags)
+
+
+def worker(spec_path: Path, settings: dict[str, Any]) -> None:
+    """The worker process: train one run (one thread), from where an earlier attempt stopped, and write its result
+    atomically."""
     torch.set_num_threads(1)
     spec = json.loads(spec_path.read_text())
     run = Run(**spec["run"])
     out = spec_path.parent / "train"
-    cfg = train_config(data=spec["data"], out=str(out), max_steps=run.steps, seed=run.seed, resume="never",
-                       **run.flags)  # fmt: skip
+    cfg = run_config(run, spec["data"], out, settings["save_every"])
     t0 = time.perf_counter()
     diverged = None
     try:
@@ -297,6 +319,7 @@ def worker(spec_path: Path) -> None:
     result = {
         **vars(run), "tokens": run.steps * cfg.batch_tokens, "diverged": diverged,
         "final_val": None if diverged else curve[-1][1], "curve": curve, "seconds": time.perf_counter() - t0,
+        "attempts": sum(r["kind"] == "memory" for r in records),  # "seconds" are the last attempt's
         "us_per_token": 1e6 * statistics.median(r["dt_ms"] / 1000 / cfg.batch_tokens for r in trains[1:] or trains),
         "cropped": trains[-1].get("cropped") if trains else None,
     }  # fmt: skip
@@ -790,7 +813,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timing", action="store_true", help="only measure seconds per token (idle machine)")
     p.add_argument("--timing-steps", type=int, default=10)
     p.add_argument("--timing-repeats", type=int, default=3, help="alternating rounds of --timing; medians reported")
-    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # internal: train the run this spec describes
+    p.add_argument("--save-every", type=int, default=0,
+                   help="each run writes a checkpoint every N steps (0: only when stopped); an interrupted bench "
+                   "continues each run from its newest checkpoint")  # fmt: skip
+    p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # internal: train the run of this spec, these settings
     args = p.parse_args()
     args.pieces = [name for name in args.pieces.split(",") if name]
     unknown = set(args.pieces) - set(PIECES)
@@ -814,14 +840,14 @@ def prepare_data(args: argparse.Namespace) -> Path:
 def main() -> None:
     args = parse_args()
     if args.worker:
-        worker(args.worker)
+        worker(Path(args.worker[0]), json.loads(args.worker[1]))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args)
     if args.timing:
         timing(args, data)
         return
-    execute = Executor(args.work, data, args.jobs)
+    execute = Executor(args.work, data, args.jobs, args.save_every)
 
     def terminate(signum: int, frame: Any) -> None:
         execute.stop()

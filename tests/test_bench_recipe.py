@@ -12,8 +12,11 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from scipy.stats import t as student
-from support import ROOT
+from support import ROOT, TINY, Capture
+
+from gpt2.trainer import StopRequest, train
 
 spec = importlib.util.spec_from_file_location("bench_recipe", ROOT / "bench" / "bench_recipe.py")
 bench = sys.modules["bench_recipe"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
@@ -137,3 +140,18 @@ def test_settle_gives_a_close_comparison_more_seeds_and_its_base_as_many():
     base_runs, settled = bench.settle(execute, bench.runs("base", scale, 0.5, 3), groups, "less", 0.05, 5)
     assert [len(settled["close"]), len(settled["clear"]), len(base_runs)] == [5, 3, 5]
     assert {r.seed for r in base_runs} == {r.seed for r in settled["close"]}  # every seed of it paired
+
+
+def test_a_run_cut_short_continues_from_its_checkpoint_to_the_uninterrupted_result(synthetic, tmp_path):
+    flags = {**{k: v for k, v in TINY.items() if k != "max_steps"}, "eval_every": 2}  # a run's length is its own
+    run = bench.Run("tiny", flags, 6, bench.FIRST_SEED)
+    whole = bench.Executor(tmp_path / "whole", synthetic, 1)([run])[run.key]  # a worker process, start to end
+    executor = bench.Executor(tmp_path / "cut", synthetic, 1)
+    spec = executor.prepare(run)  # an attempt stopped after step 3, as a stopped bench leaves it
+    torch.set_num_threads(1)  # as in a worker: the same kernels, so the same bits
+    stop = StopRequest()
+    assert train(bench.run_config(run, str(synthetic), spec.parent / "train", 0), Capture(stop, 3), stop).step == 3
+    resumed = executor([run])[run.key]
+    assert (whole["attempts"], resumed["attempts"]) == (1, 2)
+    assert resumed["curve"] == whole["curve"] and len(whole["curve"]) == 4  # val at the start, after 2, 4 and 6
+    assert not list((spec.parent / "train").glob("*.pt"))  # the checkpoint goes once the result is written
