@@ -108,6 +108,7 @@ TUNES: dict[str, tuple[str, dict[str, Any]]] = {
     "value_embeds 2": ("two value-embedding tables: every layer of four (one)", dict(value_embeds=2)),
     "softcap 15": ("logits soft-capped at 15 (off)", dict(logit_softcap=15.0)),
     "x0_mix": ("x0 mix: block i's input a_i x + b_i x0, learned (nanochat)", dict(x0_mix=True)),
+    "smear": ("smear: a gated share of the previous token's embedding (nanochat)", dict(smear=True)),
 }
 
 # modern-v1 with one of its pieces switched back to GPT-2's: name -> (what it is, its flags)

@@ -57,6 +57,7 @@ class GPTConfig:
     value_embeds: int = 0  # k tables of value embeddings, added (gated) to V in the first k and the last k layers
     unet_skips: bool = False  # block i's output is added, with a learned weight, to the input of block n_layer-1-i
     x0_mix: bool = False  # block i's input is a_i x + b_i x0, x0 the first block's input; a_i, b_i learned (nanochat)
+    smear: bool = False  # each token's embedding plus a learned, gated share of the previous token's (nanochat)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "vocab_multiple"):
@@ -142,7 +143,8 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2")
 MODERN_FIELDS = ("rope_theta", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init", "logit_softcap", "bias")
 # The second generation's switches (not in the v1 recipes; eot_id matters only with doc_mask).
-SPEEDRUN_FIELDS = ("split_qkv", "doc_mask", "window_pattern", "short_window", "value_embeds", "unet_skips", "x0_mix")
+SPEEDRUN_FIELDS = ("split_qkv", "doc_mask", "window_pattern", "short_window", "value_embeds", "unet_skips", "x0_mix",
+                   "smear")  # fmt: skip
 
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -222,6 +224,10 @@ class TrainConfig:
     x0_mix: bool = option(
         help="block i's input is a_i x + b_i x0, x0 the first block's input (the embedding, RMS-normed in the modern "
         "block), a_i and b_i learned from 1 and 0.1 (recipe)"
+    )
+    smear: bool = option(
+        help="each token's embedding plus lambda * sigmoid(gate) of the previous token's in its sequence (and "
+        "document, with --doc-mask); lambda learned from 0, the gate from the token's own first channels (recipe)"
     )
     init_from: str | None = option(None, "start from pretrained weights: a hub id (gpt2 ... gpt2-xl) or a HF directory")
     seq_len: int = option(1024, "tokens per training sequence")

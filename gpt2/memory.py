@@ -27,7 +27,8 @@ bf16, 4 in fp32), ``W`` the world size.
   gradients it computes in forward, ``4N`` for the hidden states and ``4 x vocabulary x n_embd`` for the head; the plain
   fp32 loss keeps the log-softmax of every logit (``4 x tokens x vocab``). With activation checkpointing a block
   keeps only its fp32 input (``4N``), and backward rebuilds one block at a time. The x0 mix keeps each block's
-  input before the mix as well (``4N`` per block, either way).
+  input before the mix as well (``4N`` per block, either way); the smear keeps the embedding and its shifted
+  copy (``8N``; under bf16 autocast ``4N`` and the gate's bf16 input), as measured.
 - **temporaries**: the larger of what lives only inside forward (one chunk of the fused loss,
   ``1024 rows x vocabulary x (4 + 2s)``, or the plain loss's logits and their gradient) and inside a block's
   backward (its activation gradients, ``8sN``, and with checkpointing the block being rebuilt).
@@ -59,7 +60,7 @@ from gpt2.cli import option, parse
 from gpt2.config import GPTConfig
 from gpt2.errors import UserError, run_cli
 from gpt2.files import atomic_write_text
-from gpt2.model import GPT
+from gpt2.model import GPT, SMEAR_GATE_CHANNELS
 from gpt2.optim import params_by_role
 
 GIB = 2**30
@@ -172,6 +173,8 @@ def activation_bytes(config: GPTConfig, tokens: int, dtype: str, checkpointing: 
     C, L = config.n_embd, config.n_layer
     blocks = L * tokens * C * 4 if checkpointing else L * block_activation_bytes(config, tokens, dtype)
     blocks += L * tokens * C * 4 * config.x0_mix  # the x0 mix keeps each block's unmixed fp32 input (the first: x0)
+    bf16 = dtype == "bf16"  # the smear: the embedding and its shifted copy in fp32; one, and the gate's input, in bf16
+    smear = tokens * (C * 4 * (1 if bf16 else 2) + 2 * min(SMEAR_GATE_CHANNELS, C) * bf16) * config.smear
     norm_stats = 4 * (2 if config.norm == "layernorm" else 1)
     embedding_norm = (C * 4 + norm_stats) * (config.norm == "rmsnorm")
     outside = tokens * (C * 4 + norm_stats + embedding_norm + 8)  # final norm's input, embedding norm's, ids
@@ -179,7 +182,7 @@ def activation_bytes(config: GPTConfig, tokens: int, dtype: str, checkpointing: 
         loss = tokens * C * 4 + 4 * config.padded_vocab_size * C
     else:  # the textbook loss: log-softmax of every logit, and the final hidden states for the head's matmul
         loss = tokens * (C * (2 if dtype == "bf16" else 4) + 4 * config.vocab_size + 8)
-    return blocks + outside + loss
+    return blocks + outside + smear + loss
 
 
 def plan(

@@ -8,8 +8,9 @@ biases); ``--recipe modern`` turns them all on. Parameter names follow GPT-2 as 
 Conv1D matrices (see ``gpt2.hf``).
 
 The fields after ``bias`` add the speedrun's second generation, each off by default: separate q/k/v matrices,
-attention within documents only, short/long attention windows per layer, value embeddings, U-net skips and the
-x0 mix (each block's input mixed, with learned weights, with the embedding).
+attention within documents only, short/long attention windows per layer, value embeddings, U-net skips, the x0
+mix (each block's input mixed, with learned weights, with the embedding) and the smear (each embedding plus a
+gated share of the previous token's).
 Document and window masks are built once per forward pass and shared by the layers (see ``attention_masks``).
 """
 
@@ -24,6 +25,7 @@ from gpt2.config import GPTConfig
 from gpt2.loss import IGNORE_INDEX, fused_cross_entropy
 
 VE_GATE_CHANNELS = 12  # a value embedding's gate reads this many channels of the attention input (nanochat)
+SMEAR_GATE_CHANNELS = 24  # the smear's gate reads this many channels of the token's embedding (nanochat)
 # How a masked (document or windowed) forward without a caller's mask attends: "auto" takes flex_attention where
 # it is fast (under torch.compile on CUDA) and an SDPA boolean mask elsewhere (see bench/bench_masks.py);
 # "sdpa" and "flex" force one (tests and benchmarks).
@@ -231,6 +233,10 @@ class GPT(nn.Module):
             )
         if config.unet_skips:  # weight of block i's output in the input of block n_layer - 1 - i (speedrun)
             self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2))
+        if config.smear:  # a direct path for the previous token, closed at init (lambda 0)
+            self.smear_gate = nn.Linear(min(SMEAR_GATE_CHANNELS, config.n_embd), 1, bias=False)
+            self.smear_gate.gate = True
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         if config.x0_mix:  # every block also sees the embedding directly, with its own weights (nanochat)
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
@@ -317,6 +323,8 @@ class GPT(nn.Module):
             rope = self.transformer.rotary(pos)
         if cfg.norm == "rmsnorm":
             x = F.rms_norm(x, (x.size(-1),))
+        if cfg.smear:
+            x = self.smeared(x, idx, pos)
         masks = self.attention_masks(idx, pos, attn_mask)
         tables = [table(idx) for table in self.value_embeds] if cfg.value_embeds else []
         ve_layers, windows, n = cfg.value_embed_layers, cfg.windows, cfg.n_layer
@@ -332,6 +340,17 @@ class GPT(nn.Module):
             if i < n_skips:
                 skips.append(x)
         return self.transformer.ln_f(x)
+
+    def smeared(self, x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``x`` with ``lambda * sigmoid(gate(x_t)) * x_{t-1}`` added to each: a bigram path that needs no
+        attention. The first token of a sequence (position 0: in a packed row, each sequence's) has no predecessor,
+        nor, with document masks, the first token of a document."""
+        first = (pos == 0).expand(idx.shape)
+        if self.config.doc_mask:
+            first = first | (idx == self.config.eot_id)
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * ~first[..., None]  # (B, T, C): x_{t-1}, zero where t is a first
+        gate = torch.sigmoid(self.smear_gate(x[..., : self.smear_gate.in_features]))  # (B, T, 1)
+        return x + self.smear_lambda * gate * prev
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head on hidden states ``h`` (any leading shape), cut to ``vocab_size`` columns (a padded id can

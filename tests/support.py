@@ -172,18 +172,19 @@ def recordings(fixture: Path) -> list[Recording]:
 SPEEDRUN_BLOCK = dict(
     rope_theta=10000.0, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False, bias=False,
     split_qkv=True, doc_mask=True, window_pattern="SL", short_window=6, value_embeds=1, unet_skips=True, x0_mix=True,
+    smear=True,
 )  # fmt: skip
 
 
 def speedrun_model(seed: int = 0, **overrides) -> GPT:
     """A tiny model with every second-generation piece on (4 layers: windows 6, full, 6, full; value embeddings in
-    layers 0 and 3; skips 0 -> 3 and 1 -> 2; the x0 mix) and every weight random, the value-embedding gates, the
-    skip weights and the x0-mix weights included, so that each piece changes the output."""
+    layers 0 and 3; skips 0 -> 3 and 1 -> 2; the x0 mix; the smear) and every weight random, the value-embedding
+    gates, the skip weights, the x0-mix weights and the smear's included, so that each piece changes the output."""
     torch.manual_seed(seed)
     model = GPT(tiny_config(**{**SPEEDRUN_BLOCK, "n_layer": 4, **overrides}))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "ve_gate" in name or "skip_weights" in name or "lambdas" in name:
+            if "ve_gate" in name or "skip_weights" in name or "lambda" in name or "smear" in name:
                 p.normal_(0.5, 0.5)
     return model.eval()
 

@@ -22,7 +22,8 @@ from gpt2.trainer import train
 
 MODERN = dict(rope_theta=10000.0, norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=False, zero_init=True,
               bias=False)  # fmt: skip
-ARCHS = {"gpt2": {}, "modern": MODERN, "modern + x0 mix": {**MODERN, "x0_mix": True}}
+ARCHS = {"gpt2": {}, "modern": MODERN, "modern + x0 mix": {**MODERN, "x0_mix": True},
+         "modern + smear": {**MODERN, "smear": True}}  # fmt: skip
 CASES = [(arch, dtype, ac) for arch in ARCHS for dtype in ("fp32", "bf16") for ac in (False, True)]
 
 

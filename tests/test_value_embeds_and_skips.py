@@ -103,6 +103,31 @@ def test_x0_mix_gives_each_block_its_weighted_input_plus_its_weighted_embedding(
     assert {id(p) for p in roles["gains"]} == {id(model.resid_lambdas), id(model.x0_lambdas)}  # AdamW, no decay
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("doc_mask", [False, True])
+def test_smear_adds_the_gated_previous_embedding_within_each_sequence_and_document(doc_mask):
+    torch.manual_seed(3)
+    model = GPT(tiny_config(**MODERN, n_layer=2, smear=True, doc_mask=doc_mask))
+    assert model.smear_lambda.item() == 0 and model.smear_gate.weight.abs().sum() == 0  # closed at init
+    model.smear_lambda.fill_(0.7)
+    model.smear_gate.weight.normal_()
+    idx = torch.randint(0, 50000, (2, 10))
+    idx[0, 4] = 50256  # a document starts at token 4 of row 0
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 0, 1, 2, 3, 0, 1, 2]])  # row 1: three sequences
+    e = F.rms_norm(model.transformer.wte(idx), (32,))
+    expected = e.clone()
+    for b in range(2):
+        for t in range(1, 10):
+            if pos[b, t] == 0 or (doc_mask and idx[b, t] == 50256):
+                continue  # no predecessor in its sequence (document)
+            gate = torch.sigmoid(e[b, t, :24] @ model.smear_gate.weight[0])
+            expected[b, t] += 0.7 * gate * e[b, t - 1]
+    torch.testing.assert_close(model.smeared(e, idx, pos), expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(model.smeared(e, idx, torch.arange(10)), model.smeared(e, idx, pos[:1].expand(2, 10)))
+    roles = params_by_role(model)
+    assert {id(p) for p in roles["gains"]} >= {id(model.smear_lambda), id(model.smear_gate.weight)}
+
+
 def test_every_new_parameter_has_one_sensible_role_and_muon_takes_only_matrices():
     model = speedrun_model()
     roles = params_by_role(model)
@@ -116,6 +141,8 @@ def test_every_new_parameter_has_one_sensible_role_and_muon_takes_only_matrices(
         [
             "resid_lambdas",
             "skip_weights",
+            "smear_gate.weight",
+            "smear_lambda",
             "transformer.h.0.attn.ve_gate.weight",
             "transformer.h.3.attn.ve_gate.weight",
             "x0_lambdas",
@@ -156,6 +183,7 @@ def test_switches_are_recorded_in_checkpoints_and_refused_by_the_gpt2_export(tmp
         dict(window_pattern="SL"),
         dict(unet_skips=True),
         dict(x0_mix=True),
+        dict(smear=True),
     ):
         assert GPTConfig(**piece).gpt2_compatible() == [f"{k}={v!r}" for k, v in piece.items()]
         with pytest.raises(UserError, match="GPT2LMHeadModel cannot hold this architecture"):
