@@ -81,7 +81,7 @@ from gpt2.config import train_config
 from gpt2.files import atomic_write_text
 from gpt2.prepare import PrepareConfig, prepare
 from gpt2.rundir import JsonlLog
-from gpt2.trainer import NonFiniteLoss, train
+from gpt2.trainer import NonFiniteLoss, StopRequest, train
 
 FIRST_SEED = 1337  # seeds are FIRST_SEED, FIRST_SEED + 1, ...
 GPT2_WARMUP = 715 / 19073  # the gpt2 recipe's warmup as a fraction of its run
@@ -309,9 +309,11 @@ def worker(spec_path: Path, settings: dict[str, Any]) -> None:
     cfg = run_config(run, spec["data"], out, settings["save_every"])
     t0 = time.perf_counter()
     diverged = None
+    stop = StopRequest()
     try:
-        if train(cfg).stopped_by:
-            sys.exit(1)  # stopped early: no result
+        with stop.catch_signals():  # SIGTERM (the bench stopping): finish the step, write a checkpoint, exit
+            if train(cfg, stop=stop).stopped_by:
+                sys.exit(1)  # stopped early: no result
     except NonFiniteLoss as e:
         diverged = str(e)
     records = JsonlLog(out / "log.jsonl").read()

@@ -324,7 +324,7 @@ class GPT(nn.Module):
         if cfg.norm == "rmsnorm":
             x = F.rms_norm(x, (x.size(-1),))
         if cfg.smear:
-            x = self.smeared(x, idx, pos)
+            x = self.smeared(x, idx, pos, attn_mask)
         masks = self.attention_masks(idx, pos, attn_mask)
         tables = [table(idx) for table in self.value_embeds] if cfg.value_embeds else []
         ve_layers, windows, n = cfg.value_embed_layers, cfg.windows, cfg.n_layer
@@ -341,14 +341,24 @@ class GPT(nn.Module):
                 skips.append(x)
         return self.transformer.ln_f(x)
 
-    def smeared(self, x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``x`` with ``lambda * sigmoid(gate(x_t)) * x_{t-1}`` added to each: a bigram path that needs no
-        attention. The first token of a sequence (position 0: in a packed row, each sequence's) has no predecessor,
+    def smeared(
+        self, x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embeddings ``x`` with ``lambda * sigmoid(gate(x_t)) * x_prev`` added to each: a bigram path that needs no
+        attention. ``x_prev`` is the token before in the row, or in a packed row (``attn_mask``, as ``hidden`` takes
+        it) the one the token may attend to at the position before its own. The first token of a sequence has none,
         nor, with document masks, the first token of a document."""
-        first = (pos == 0).expand(idx.shape)
+        B, T, C = x.shape
+        if attn_mask is None:
+            prev, first = F.pad(x[:, :-1], (0, 0, 1, 0)), (pos == 0).expand(B, T)
+        else:  # e.g. the scorer's: each continuation follows its context, not the continuation packed before it
+            pos = pos.expand(B, T)
+            before = attn_mask[:, 0] & (pos[:, None, :] == pos[:, :, None] - 1)  # (B, T, T): [b, t, j]
+            prev = torch.gather(x, 1, before.int().argmax(-1, keepdim=True).expand(B, T, C))
+            first = ~before.any(-1)
         if self.config.doc_mask:
             first = first | (idx == self.config.eot_id)
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * ~first[..., None]  # (B, T, C): x_{t-1}, zero where t is a first
+        prev = prev * ~first[..., None]  # (B, T, C)
         gate = torch.sigmoid(self.smear_gate(x[..., : self.smear_gate.in_features]))  # (B, T, 1)
         return x + self.smear_lambda * gate * prev
 

@@ -5,18 +5,18 @@ crosses a target."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import random
 import statistics
 import sys
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
-import torch
 from scipy.stats import t as student
-from support import ROOT, TINY, Capture
-
-from gpt2.trainer import StopRequest, train
+from support import ROOT, TINY
 
 spec = importlib.util.spec_from_file_location("bench_recipe", ROOT / "bench" / "bench_recipe.py")
 bench = sys.modules["bench_recipe"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
@@ -142,16 +142,26 @@ def test_settle_gives_a_close_comparison_more_seeds_and_its_base_as_many():
     assert {r.seed for r in base_runs} == {r.seed for r in settled["close"]}  # every seed of it paired
 
 
-def test_a_run_cut_short_continues_from_its_checkpoint_to_the_uninterrupted_result(synthetic, tmp_path):
-    flags = {**{k: v for k, v in TINY.items() if k != "max_steps"}, "eval_every": 2}  # a run's length is its own
-    run = bench.Run("tiny", flags, 6, bench.FIRST_SEED)
+def test_a_run_stopped_by_the_bench_continues_from_its_checkpoint_to_the_uninterrupted_result(synthetic, tmp_path):
+    flags = {**{k: v for k, v in TINY.items() if k != "max_steps"}, "eval_every": 20}  # a run's length is its own
+    run = bench.Run("tiny", flags, 60, bench.FIRST_SEED)
     whole = bench.Executor(tmp_path / "whole", synthetic, 1)([run])[run.key]  # a worker process, start to end
     executor = bench.Executor(tmp_path / "cut", synthetic, 1)
-    spec = executor.prepare(run)  # an attempt stopped after step 3, as a stopped bench leaves it
-    torch.set_num_threads(1)  # as in a worker: the same kernels, so the same bits
-    stop = StopRequest()
-    assert train(bench.run_config(run, str(synthetic), spec.parent / "train", 0), Capture(stop, 3), stop).step == 3
-    resumed = executor([run])[run.key]
+    log = executor.work / "runs" / run.key / "train" / "log.jsonl"
+
+    def stop_after_step_3():
+        while not (log.exists() and '"step": 3' in log.read_text()):
+            time.sleep(0.02)
+        executor.stop()  # as on SIGTERM to the bench: its worker finishes the step and writes a checkpoint
+
+    stopper = threading.Thread(target=stop_after_step_3)
+    stopper.start()
+    with pytest.raises(SystemExit, match="1 runs failed"):  # stopped: no result
+        executor([run])
+    stopper.join()
+    cut = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert 3 <= cut < 59 and list(log.parent.glob("*.pt"))
+    resumed = bench.Executor(tmp_path / "cut", synthetic, 1)([run])[run.key]  # the bench run again
     assert (whole["attempts"], resumed["attempts"]) == (1, 2)
-    assert resumed["curve"] == whole["curve"] and len(whole["curve"]) == 4  # val at the start, after 2, 4 and 6
-    assert not list((spec.parent / "train").glob("*.pt"))  # the checkpoint goes once the result is written
+    assert resumed["curve"] == whole["curve"] and len(whole["curve"]) == 4  # val at the start, after 20, 40, 60
+    assert not list(log.parent.glob("*.pt"))  # the checkpoint goes once the result is written

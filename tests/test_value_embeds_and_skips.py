@@ -124,6 +124,19 @@ def test_smear_adds_the_gated_previous_embedding_within_each_sequence_and_docume
             expected[b, t] += 0.7 * gate * e[b, t - 1]
     torch.testing.assert_close(model.smeared(e, idx, pos), expected, atol=1e-6, rtol=1e-5)
     assert torch.equal(model.smeared(e, idx, torch.arange(10)), model.smeared(e, idx, pos[:1].expand(2, 10)))
+    # a packed row as the scorer builds it: a context (0-2), then two continuations of it (3-4 and 5-6), each
+    # attending to the context and to itself; each continuation's first token follows the context's last
+    mask = torch.zeros(7, 7, dtype=torch.bool)
+    for start, end in ((0, 3), (3, 5), (5, 7)):
+        mask[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        if start:
+            mask[start:end, :3] = True
+    packed = model.smeared(e[:1, :7], idx[:1, :7], torch.tensor([[0, 1, 2, 3, 4, 3, 4]]), mask[None, None])
+    gate = lambda t: torch.sigmoid(e[0, t, :24] @ model.smear_gate.weight[0])  # noqa: E731
+    for t, p in ((0, None), (1, 0), (2, 1), (3, 2), (4, 3), (5, 2), (6, 5)):
+        first = p is None or (doc_mask and idx[0, t] == 50256)  # token 4 starts a document
+        share = 0 if first else 0.7 * gate(t) * e[0, p]
+        torch.testing.assert_close(packed[0, t], e[0, t] + share, atol=1e-6, rtol=1e-5)
     roles = params_by_role(model)
     assert {id(p) for p in roles["gains"]} >= {id(model.smear_lambda), id(model.smear_gate.weight)}
 
