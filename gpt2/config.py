@@ -437,11 +437,13 @@ def modern_recipe() -> TrainConfig:
     """modern-v1 plus the second-generation pieces that lowered its loss at p < 0.05 (seed-paired, 5 seeds where
     the first 3 were close; README "Recipes", bench/bench_recipe.py): Muon with Polar Express coefficients and
     NorMuon's neuron-wise normalisation (beta2 0.95), on q, k and v as three matrices; document-masked attention
-    with short/long windows alternating (short: a quarter of the context); one value-embedding table (the first
-    and the last layer). Left out as measured: U-net skips and document-aligned rows (worse)."""
+    with short/long windows alternating (short: a quarter of the context); then, tuned on that combination, two
+    value-embedding tables (the first two and the last two layers: it needs --n-layer >= 4) and the x0 mix. Left
+    out as measured: U-net skips and document-aligned rows (worse), the smear, a soft-cap and --lr-width (not
+    better at p < 0.05)."""
     return replace(
         modern_v1_recipe(), recipe="modern", muon_polar_express=True, normuon_beta2=0.95, split_qkv=True,
-        doc_mask=True, window_pattern="SL", short_window=0, value_embeds=1,
+        doc_mask=True, window_pattern="SL", short_window=0, value_embeds=2, x0_mix=True,
     )  # fmt: skip
 
 

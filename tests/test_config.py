@@ -83,6 +83,7 @@ def test_overriding_the_optimizer_brings_that_optimizers_own_rate():
 
 def test_modern_with_adamw_trains_and_logs_adamws_rate(synthetic, tmp_path):
     run = {k: v for k, v in TINY.items() if k not in ("warmup_steps", "max_steps")}  # no warmup: the recipe's
+    run["n_layer"] = 4  # the recipe's two value-embedding tables need four layers
     train(train_config(data=str(synthetic), out=str(tmp_path), **run, recipe="modern", optimizer="adamw", max_steps=2))
     first = next(r for r in read_log(tmp_path) if r["kind"] == "train")
     assert first["lr"] == ADAMW_LR  # wsd without warmup: the peak from step 0

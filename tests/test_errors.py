@@ -98,6 +98,8 @@ def test_unknown_recipe_odd_rotary_head_and_exporting_a_modern_model_are_clear_e
         train_config(recipe="llama")
     with pytest.raises(UserError, match="rotary embeddings need an even head dimension, got 9"):
         train_config(recipe="modern", n_embd=18, n_head=2).model_config()
+    with pytest.raises(UserError, match=r"value_embeds=2 tables serve the first and the last 2 layers: at most"):
+        train_config(recipe="modern", n_layer=3).model_config()  # the recipe's two tables need four layers
     with pytest.raises(ValueError, match="even head dimension"):
         GPTConfig(n_embd=18, n_head=2, rope_theta=10000.0)
     with pytest.raises(UserError, match=r"GPT2LMHeadModel cannot hold this architecture \(rope_theta=10000.0, "):

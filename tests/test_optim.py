@@ -60,12 +60,12 @@ def test_roles_cover_every_parameter_once_and_the_gpt2_grouping_matches_v0_1():
     "recipe, adamw_groups",
     [
         ("modern-v1", [("embeddings", 0.3), ("head", 0.006)]),
-        # the value-embedding table is an embedding; its gates are gains, at --lr (Muon's rate)
+        # the value-embedding tables are embeddings; their gates and the x0 mix's weights are gains, at --lr (Muon's)
         ("modern", [("embeddings", 0.3), ("head", 0.006), ("gains", 0.02)]),
     ],
 )
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(synthetic, tmp_path, recipe, adamw_groups):
-    cfg = tiny(synthetic, tmp_path, recipe=recipe)
+    cfg = tiny(synthetic, tmp_path, recipe=recipe, n_layer=4)
     model = GPT(cfg.model_config())
     opt = build_optimizers(model, cfg, "cpu")
     muon, adam = opt.optimizers["muon"], opt.optimizers["adamw"]
@@ -79,7 +79,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(synthetic, tmp_path, 
 @pytest.mark.parametrize("lr_width, scale", [(0, 1.0), (64, 1.0), (256, 2.0), (16, 0.5)])
 def test_lr_width_scales_the_embedding_and_head_rates_by_the_root_of_the_width_ratio(synthetic, tmp_path, lr_width,
                                                                                     scale):  # fmt: skip
-    cfg = tiny(synthetic, tmp_path, recipe="modern", n_embd=64, lr_width=lr_width)  # 0: no scaling at any width
+    cfg = tiny(synthetic, tmp_path, recipe="modern", n_layer=4, n_embd=64, lr_width=lr_width)  # 0: none at any width
     opt = build_optimizers(GPT(cfg.model_config()), cfg, "cpu")
     rates = {g["name"]: g["base_lr"] for g in opt.param_groups}
     assert rates == pytest.approx({"embeddings": 0.3 * scale, "head": 0.006 * scale, "gains": 0.02,

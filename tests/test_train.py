@@ -42,7 +42,7 @@ from gpt2.trainer import NonFiniteLoss, StopRequest, train
 
 # Every guarantee of the trainer holds for every recipe: the invariants below run under each. The modern one with
 # its optional soft-cap on too, so that every piece of it is on the path.
-RECIPES = {"gpt2": {}, "modern": dict(recipe="modern", warmup_steps=1, logit_softcap=15.0)}
+RECIPES = {"gpt2": {}, "modern": dict(recipe="modern", warmup_steps=1, logit_softcap=15.0, n_layer=4)}
 each_recipe = pytest.mark.parametrize("recipe", list(RECIPES))
 
 
@@ -241,7 +241,7 @@ def test_loss_on_real_text_falls_well_below_its_start(real_text: Path, tmp_path:
 def test_compiled_run_trains_evaluates_and_samples(synthetic: Path, tmp_path: Path, recipe: str):
     """torch.compile on: training, validation through the compiled model, sampling through the plain one."""
     cap = Capture()
-    cfg = tiny(synthetic, tmp_path, compile=True, n_layer=2, max_steps=3, eval_every=3, val_tokens=256, sample_every=3,
+    cfg = tiny(synthetic, tmp_path, compile=True, max_steps=3, eval_every=3, val_tokens=256, sample_every=3,
                sample_prompt="a", num_samples=2, max_new_tokens=4, **RECIPES[recipe])  # fmt: skip
     train(cfg, cap)
     assert sorted(losses(cap.records)) == [0, 1, 2] and sorted(losses(cap.records, "val")) == [0, 3]
@@ -250,7 +250,7 @@ def test_compiled_run_trains_evaluates_and_samples(synthetic: Path, tmp_path: Pa
     assert sample["step"] == 3 and len(sample["text"]) == 2
     assert all(t.startswith("a") and len(t) > 1 for t in sample["text"])
     eager = Capture()
-    train(tiny(synthetic, tmp_path / "eager", n_layer=2, max_steps=3, eval_every=3, val_tokens=256, **RECIPES[recipe]),
+    train(tiny(synthetic, tmp_path / "eager", max_steps=3, eval_every=3, val_tokens=256, **RECIPES[recipe]),
           eager)  # fmt: skip
     for step, loss in losses(eager.records).items():
         assert losses(cap.records)[step] == pytest.approx(loss, rel=1e-4)
