@@ -8,7 +8,8 @@ Roles (every trainable parameter has exactly one; a tied head is the embedding a
   projections, the MLP);
 - ``head``: the output projection, when it is not tied to the token embedding;
 - ``gains``: biases, normalization gains and the other few scalars and gates that scale a path rather than
-  transform it (U-net skip weights; the x0-mix weights; the value-embedding gates, 2-D but tiny: n_head x 12).
+  transform it (U-net skip weights; the x0-mix weights; the smear's weight and gate; the value-embedding gates,
+  2-D but tiny: n_head x 12).
 
 The GPT-2 recipe is AdamW over all of them at one learning rate, with weight decay on the >= 2-D
 tensors only, as in GPT-3 and build-nanogpt. Each group carries ``base_lr``; the schedule multiplies it.
